@@ -1,0 +1,102 @@
+"""The token shard format, written by data_prep and read by storyllama.data.
+
+A shard `DIR/{split}_NNNNNN.bin` is a 64-byte header followed by little-endian tokens:
+
+    offset  size  field
+    0       8     magic b"SLTOKENS"
+    8       4     format version (uint32, currently 1)
+    12      4     bytes per token (uint32: 2 for uint16, 4 for uint32)
+    16      8     token count (uint64)
+    24      40    zero padding
+
+Shards are written to `NAME.tmp` and renamed when complete, so a half-written shard never has the
+final name. `meta.json` is written last, the same way: its presence marks a complete output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = b"SLTOKENS"
+FORMAT_VERSION = 1
+HEADER_BYTES = 64
+_HEADER = struct.Struct("<8sIIQ")  # magic, version, itemsize, count (24 bytes; the rest is padding)
+DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
+
+
+class ShardError(ValueError):
+    """A shard or a data directory that cannot be read as written by prepare_data."""
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (vocab <= 65,536), else uint32 (said in each shard's header)."""
+    return DTYPES[2] if vocab_size <= 65536 else DTYPES[4]
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}_{index:06d}.bin"
+
+
+def write_shard(path: str | Path, tokens: np.ndarray) -> None:
+    """Write tokens (uint16 or uint32) to `path` atomically: a temporary file, fsync, rename."""
+    path = Path(path)
+    tokens = np.ascontiguousarray(tokens)
+    if tokens.dtype.itemsize not in DTYPES or tokens.dtype.kind != "u":
+        raise ShardError(f"shard tokens must be uint16 or uint32, got {tokens.dtype}")
+    tokens = tokens.astype(DTYPES[tokens.dtype.itemsize], copy=False)  # little-endian on disk
+    header = _HEADER.pack(MAGIC, FORMAT_VERSION, tokens.dtype.itemsize, tokens.size).ljust(HEADER_BYTES, b"\0")
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(header)
+        f.write(tokens.tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_header(path: str | Path) -> tuple[np.dtype, int]:
+    """Check a shard's header and size; return (token dtype, token count). Errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ShardError(f"shard {path} does not exist; run bin/prepare_data again for this directory")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(HEADER_BYTES)
+    if len(raw) < HEADER_BYTES:
+        raise ShardError(f"shard {path} is {size} bytes, shorter than its {HEADER_BYTES}-byte header: "
+                         "it is truncated; delete the data directory and run bin/prepare_data again")
+    magic, version, itemsize, count = _HEADER.unpack_from(raw)
+    if magic != MAGIC:
+        raise ShardError(f"{path} is not a StoryLlama token shard (magic {magic!r}, expected {MAGIC!r})")
+    if version != FORMAT_VERSION:
+        raise ShardError(f"shard {path} has format version {version}; this StoryLlama reads version "
+                         f"{FORMAT_VERSION}: prepare the data again with this version")
+    if itemsize not in DTYPES:
+        raise ShardError(f"shard {path} says {itemsize} bytes per token; only 2 (uint16) and 4 (uint32) exist")
+    expected = HEADER_BYTES + count * itemsize
+    if size != expected:
+        raise ShardError(f"shard {path} is {size} bytes but its header says {count} tokens ({expected} bytes): "
+                         "it is truncated or corrupt; delete the data directory and run bin/prepare_data again")
+    return DTYPES[itemsize], int(count)
+
+
+def open_shard(path: str | Path) -> np.memmap:
+    """Check the header and map the tokens read-only (once per shard, never per batch)."""
+    dtype, count = read_header(path)
+    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(count,))
+
+
+def write_json_atomic(path: str | Path, obj: dict) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
