@@ -1,0 +1,65 @@
+"""Fused ops for the Llama: RMSNorm, RoPE, SwiGLU and linear + cross-entropy.
+
+Each op lives in its own file with its plain PyTorch reference. `get_ops(backend)` is the one place
+the model's choice between the Triton kernels and the reference is made.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from kernels.cross_entropy import linear_cross_entropy_reference
+from kernels.rmsnorm import rmsnorm_reference
+from kernels.rope import rope_reference
+from kernels.swiglu import swiglu_reference
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "triton", "reference")
+
+
+@dataclass(frozen=True)
+class KernelOps:
+    """The four ops the model calls; every backend provides the same signatures.
+
+    rmsnorm(x, weight, eps) -> y                 x (..., C), weight (C,)
+    rope(x, cos, sin) -> y                       x (B, T, H, D); cos, sin (B or 1, T, D/2), half-split layout
+    swiglu(a, b) -> silu(a) * b                  a, b (..., F)
+    linear_cross_entropy(x, weight, targets, ignore_index=-100, reduction="mean") -> loss
+                                                 x (N, C), weight (V, C), targets (N,)
+    """
+
+    backend: str
+    rmsnorm: Callable
+    rope: Callable
+    swiglu: Callable
+    linear_cross_entropy: Callable
+
+
+REFERENCE = KernelOps("reference", rmsnorm_reference, rope_reference, swiglu_reference, linear_cross_entropy_reference)
+
+
+def resolve_backend(requested: str, device: torch.device | str) -> str:
+    """auto -> triton on CUDA, reference elsewhere. Asking for triton off CUDA is an error."""
+    if requested not in BACKENDS:
+        raise ValueError(f"--kernels must be one of {', '.join(BACKENDS)}, got {requested!r}")
+    on_cuda = torch.device(device).type == "cuda"
+    if requested == "auto":
+        return "triton" if on_cuda else "reference"
+    if requested == "triton" and not on_cuda:
+        raise ValueError("--kernels triton needs a CUDA device; use --kernels reference (or auto) on CPU")
+    return requested
+
+
+def get_ops(backend: str) -> KernelOps:
+    if backend == "reference":
+        return REFERENCE
+    if backend == "triton":
+        from kernels.triton_ops import TRITON  # imports triton only when asked for
+
+        return TRITON
+    raise ValueError(f"unknown kernel backend {backend!r}; expected 'triton' or 'reference'")
