@@ -1,0 +1,265 @@
+"""Passive configuration: ModelConfig, TrainConfig, SampleConfig, the presets, and the command-line
+flags generated from them (argparse, one flag per field, plus the seed project's names as aliases).
+
+Nothing here probes hardware or derives run-time values: accumulation steps, dtype and device are
+worked out by the trainer once the process group exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, get_type_hints
+
+
+def pad_vocab(n: int, multiple: int = 64) -> int:
+    """Round a vocabulary size up to a multiple of 64 (faster matmuls; padded ids never appear)."""
+    return ((n + multiple - 1) // multiple) * multiple
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 50304
+    dim: int = 512
+    n_layers: int = 8
+    n_heads: int = 8
+    n_kv_heads: int = 2
+    block_size: int = 512  # context length
+    hidden_dim: int | None = None  # SwiGLU width; None: Llama's rule, 8/3 * dim rounded up to multiple_of
+    multiple_of: int = 256
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        if self.hidden_dim is None:
+            h = int(2 * 4 * self.dim / 3)
+            self.hidden_dim = self.multiple_of * ((h + self.multiple_of - 1) // self.multiple_of)
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "block_size", "hidden_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads}): change --dim or --n_heads")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads}) "
+                             "for grouped-query attention: change --n_kv_heads")
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError(f"head_dim = dim / n_heads = {self.dim // self.n_heads} must be even for RoPE")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def num_params(self) -> int:
+        """Parameter count from the shape alone (the tests check the model against this formula)."""
+        d, hd, L = self.dim, self.head_dim, self.n_layers
+        attn = d * self.n_heads * hd + 2 * d * self.n_kv_heads * hd + self.n_heads * hd * d
+        mlp = 3 * d * self.hidden_dim
+        per_layer = attn + mlp + 2 * d  # two RMSNorm weights
+        emb = self.vocab_size * d
+        head = 0 if self.tie_embeddings else self.vocab_size * d
+        return emb + L * per_layer + d + head
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token (forward + backward = 3x forward): 6 N + attention's 12 L T d."""
+        # Matmul weights: every layer plus the LM head (counted once whether tied or not); the embedding
+        # lookup costs no FLOPs.
+        n_matmul = self.num_params() - (0 if self.tie_embeddings else self.vocab_size * self.dim)
+        return 6 * n_matmul + 12 * self.n_layers * self.block_size * self.dim
+
+
+# Presets are data. vocab_size here is a default; the trainer takes the data's (padded to 64) unless
+# --vocab_size is given.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The seed project's model, its values kept. About 50M parameters with tied embeddings.
+    "storyllama-88m": dict(vocab_size=50304, dim=512, n_layers=8, n_heads=8, n_kv_heads=2, block_size=512,
+                           dropout=0.1),
+    # CPU presets: ~1.3M parameters (demo, tests) and ~4.3M (the llama2.c 10-minute recipe's shape).
+    "tiny": dict(vocab_size=4096, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, block_size=256, hidden_dim=384),
+    "small": dict(vocab_size=4096, dim=256, n_layers=4, n_heads=8, n_kv_heads=4, block_size=256, hidden_dim=768),
+    # llama2.c's shapes, for comparison.
+    "stories15m": dict(vocab_size=32000, dim=288, n_layers=6, n_heads=6, n_kv_heads=6, block_size=256,
+                       hidden_dim=768),
+    "stories42m": dict(vocab_size=32000, dim=512, n_layers=8, n_heads=8, n_kv_heads=8, block_size=1024,
+                       hidden_dim=1376),
+    "stories110m": dict(vocab_size=32000, dim=768, n_layers=12, n_heads=12, n_kv_heads=12, block_size=1024,
+                        hidden_dim=2048),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, PRESETS, n=3, cutoff=0.4)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown preset {name!r}{hint} (presets: {', '.join(PRESETS)})")
+    return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+@dataclass
+class TrainConfig:
+    data: str = "data/builtin"
+    out: str = "runs/default"
+    preset: str = "tiny"
+    # batch and schedule
+    batch_size: int = 8  # micro-batch, sequences per process per forward
+    total_batch_size: int | None = None  # tokens per optimizer step (all ranks); None: one micro-batch per rank
+    total_iters: int = 1000  # optimizer steps
+    epochs: float | None = None  # if set, total_iters = epochs * train tokens / total_batch_size
+    max_lr: float = 6e-4
+    min_lr_ratio: float = 0.1  # cosine decays to max_lr * min_lr_ratio
+    warmup_iters: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    clip: float = 1.0
+    # evaluation, logging, checkpoints
+    eval_interval: int = 100
+    eval_iters: int = 20  # validation batches per eval (0: the whole split)
+    log_interval: int = 10
+    save_interval: int = 100
+    keep_last: int = 3
+    keep_best: bool = True  # also keep the checkpoint with the lowest validation loss as `best`
+    resume: str | None = None  # "auto" or a checkpoint directory
+    max_time: float | None = None  # stop (with a checkpoint) after this many seconds of training
+    max_bad_steps: int = 5  # non-finite losses in a row before the run stops
+    # hardware and speed
+    device: str = "auto"
+    dtype: str = "auto"  # auto: bfloat16 autocast on GPUs that support it, float32 on CPU
+    compile: bool | None = None  # None: on for CUDA, off for CPU
+    kernels: str = "auto"  # auto | triton | reference
+    fused_ce: bool | None = None  # None: on (chunked linear + cross-entropy, no full logits)
+    seed: int = 1337
+    # samples printed at each eval
+    prompt: str = "Once upon a time"
+    sample_tokens: int = 64
+    temperature: float = 0.8
+    # Weights & Biases (never required; works with WANDB_MODE=offline)
+    wandb: bool = False
+    wandb_project: str = "storyllama"
+    wandb_run_name: str | None = None
+
+    def __post_init__(self) -> None:
+        checks = {"batch_size": self.batch_size, "total_iters": self.total_iters, "max_lr": self.max_lr,
+                  "eval_interval": self.eval_interval, "save_interval": self.save_interval,
+                  "keep_last": self.keep_last, "max_bad_steps": self.max_bad_steps}
+        for k, v in checks.items():
+            if v <= 0:
+                raise ValueError(f"--{k} must be positive, got {v}")
+        if self.warmup_iters < 0 or self.eval_iters < 0:
+            raise ValueError("--warmup_iters and --eval_iters must be >= 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"--min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+    def lr_at(self, step: int) -> float:
+        """Linear warmup to max_lr, then cosine to max_lr * min_lr_ratio at total_iters."""
+        min_lr = self.max_lr * self.min_lr_ratio
+        if step < self.warmup_iters:
+            return self.max_lr * (step + 1) / self.warmup_iters
+        if step >= self.total_iters:
+            return min_lr
+        progress = (step - self.warmup_iters) / max(1, self.total_iters - self.warmup_iters)
+        return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (self.max_lr - min_lr)
+
+
+@dataclass
+class SampleConfig:
+    prompt: list[str] = field(default_factory=lambda: ["Once upon a time"])
+    max_new_tokens: int = 200
+    temperature: float = 0.8
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    num_samples: int = 1
+    seed: int | None = None
+    dtype: str = "float32"
+    compile: bool = False
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"--temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"--top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None and self.top_k <= 0:
+            raise ValueError(f"--top_k must be positive, got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"--repetition_penalty must be positive, got {self.repetition_penalty}")
+        if self.max_new_tokens <= 0 or self.num_samples <= 0:
+            raise ValueError("--max_new_tokens and --num_samples must be positive")
+
+
+# The seed project's flag names, kept usable beside the clear ones.
+SEED_ALIASES: dict[str, list[str]] = {
+    "block_size": ["--block_size"],
+    "dim": ["--embeddings_dims"],
+    "n_heads": ["--no_of_heads"],
+    "n_kv_heads": ["--no_kv_heads"],
+    "n_layers": ["--no_of_decoder_layers"],
+    "max_lr": ["--lr"],
+    "weight_decay": ["--weight_decay_optim"],
+    "beta1": ["--beta_1"],
+    "beta2": ["--beta_2"],
+    "save_interval": ["--save_checkpoint_iter"],
+    "max_new_tokens": ["--max_length"],
+}
+
+
+def _parse_bool(s: str) -> bool:
+    v = s.lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (),
+                       prefix_help: str = "") -> None:
+    """One flag per dataclass field, defaults None (so "given on the command line" is knowable)."""
+    hints = get_type_hints(cls)
+    group = parser.add_argument_group(prefix_help or cls.__name__)
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        tp = hints[f.name]
+        names = [f"--{f.name}"] + SEED_ALIASES.get(f.name, [])
+        default = f.default if f.default is not MISSING else (f.default_factory() if f.default_factory is not MISSING
+                                                               else None)
+        kw: dict[str, Any] = dict(dest=f.name, default=None, help=f"(default: {default})")
+        base = _base_type(tp)
+        if base is bool:
+            # --compile / --no-compile / --compile false all work.
+            kw.update(nargs="?", const=True, type=_parse_bool)
+            group.add_argument(*names, **kw)
+            group.add_argument(f"--no-{f.name}", f"--no_{f.name}", dest=f.name, action="store_false", default=None,
+                               help=argparse.SUPPRESS)
+            continue
+        if base is list:
+            kw.update(nargs="+", type=str)
+        else:
+            kw.update(type=base)
+        group.add_argument(*names, **kw)
+
+
+def _base_type(tp: Any) -> type:
+    args = [a for a in getattr(tp, "__args__", ()) if a is not type(None)]
+    if getattr(tp, "__origin__", None) is list:
+        return list
+    if args:
+        return _base_type(args[0])
+    return tp
+
+
+def given(ns: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The fields of `cls` that were given on the command line."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in vars(ns).items() if k in names and v is not None}
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return asdict(cfg)

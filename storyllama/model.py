@@ -1,0 +1,204 @@
+"""The Llama: token embedding, N pre-norm blocks (RMSNorm -> GQA attention with RoPE -> residual;
+RMSNorm -> SwiGLU MLP -> residual), a final RMSNorm and a tied or untied LM head.
+
+The elementwise ops (RMSNorm, RoPE, SwiGLU, linear + cross-entropy) come from `kernels.get_ops`,
+chosen once at construction: Triton kernels on CUDA, the plain PyTorch references elsewhere.
+
+Two ways to run it:
+- training / scoring: `model(idx, targets)` -> mean loss; `model(idx)` -> logits (B, T, V);
+- generation: `model.setup_caches(batch, max_len)` then `model(idx, positions=..., cache_pos=...,
+  attn_mask=...)` writes k and v into the preallocated cache slots `cache_pos` and attends to the
+  cache under `attn_mask`. `storyllama.sample` builds those tensors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels import KernelOps, get_ops
+from kernels.rope import rope_cos_sin
+from storyllama.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, ops: KernelOps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.ops = ops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ops.rmsnorm(x, self.weight, self.eps)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values of one layer: (batch, kv_heads, max_len, head_dim) each."""
+
+    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, cache_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, Hkv, T, D) into slots cache_pos (T,); return the whole cache (B, Hkv, S, D)."""
+        self.k.index_copy_(2, cache_pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, cache_pos, v.to(self.v.dtype))
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, ops: KernelOps):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.dropout = cfg.dropout
+        self.ops = ops
+        self.cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache_pos: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, D)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, D)
+        q, k = self.ops.rope(q, cos, sin), self.ops.rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or Hkv, T, D)
+        dropout = self.dropout if self.training else 0.0
+        if self.cache is None:
+            # Flash attention on CUDA; the kv heads are shared by n_heads / n_kv_heads query heads each.
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=True)
+        else:
+            k, v = self.cache.update(cache_pos, k, v)  # (B, Hkv, S, D)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H * D)
+        return F.dropout(self.wo(y), dropout, self.training)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig, ops: KernelOps):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # gate
+        self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # up
+        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)  # down
+        self.dropout = cfg.dropout
+        self.ops = ops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(self.w2(self.ops.swiglu(self.w1(x), self.w3(x))), self.dropout, self.training)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, ops: KernelOps):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, ops)
+        self.attention = Attention(cfg, ops)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, ops)
+        self.feed_forward = FeedForward(cfg, ops)
+
+    def forward(self, x, cos, sin, cache_pos=None, attn_mask=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache_pos, attn_mask)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: ModelConfig, kernels: str = "reference", fused_ce: bool = True):
+        """kernels: "triton" or "reference" (see kernels.resolve_backend for "auto").
+        fused_ce: compute the training loss with the chunked linear + cross-entropy (no full logits)."""
+        super().__init__()
+        self.cfg = cfg
+        self.ops = get_ops(kernels)
+        self.fused_ce = fused_ce
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg, self.ops) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, self.ops)
+        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # cos/sin for positions 0..block_size-1, fp32, (1, T, D/2); not saved with the weights.
+        cos, sin = rope_cos_sin(torch.arange(cfg.block_size)[None], cfg.head_dim, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 / llama2.c init: N(0, 0.02); residual output projections scaled by 1/sqrt(2 n_layers)."""
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p)  # RMSNorm weights
+            elif name.endswith(("wo.weight", "w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.cfg.n_layers))
+            else:
+                nn.init.normal_(p, mean=0.0, std=0.02)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    def set_kernels(self, kernels: str) -> None:
+        ops = get_ops(kernels)
+        for m in self.modules():
+            if hasattr(m, "ops"):
+                m.ops = ops
+
+    # -- forward -------------------------------------------------------------------------------------
+    def hidden_states(self, idx: torch.Tensor, positions: torch.Tensor | None = None,
+                      cache_pos: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states (B, T, dim) of token ids idx (B, T)."""
+        B, T = idx.shape
+        if positions is None:
+            if T > self.cfg.block_size:
+                raise ValueError(f"sequence of {T} tokens is longer than the model's context "
+                                 f"(block_size {self.cfg.block_size})")
+            cos, sin = self.rope_cos[:, :T], self.rope_sin[:, :T]  # (1, T, D/2)
+        else:
+            # Per-row positions (B or 1, T), e.g. left-padded prompts while sampling.
+            cos, sin = self.rope_cos[0][positions], self.rope_sin[0][positions]  # (B, T, D/2)
+        x = self.dropout(self.tok_embeddings(idx))  # (B, T, dim)
+        for layer in self.layers:
+            x = layer(x, cos, sin, cache_pos, attn_mask)
+        return self.norm(x)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, **kw) -> torch.Tensor:
+        """With targets (B, T): the mean cross-entropy over targets != -100. Without: logits (B, T, V)."""
+        h = self.hidden_states(idx, **kw)
+        if targets is None:
+            return F.linear(h, self.lm_head_weight)
+        return self.loss(h, targets)
+
+    def loss(self, h: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """The one loss path: fused chunked linear + cross-entropy, or full logits then cross-entropy."""
+        h2, t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)  # (B*T, dim), (B*T,)
+        if self.fused_ce:
+            return self.ops.linear_cross_entropy(h2, self.lm_head_weight, t, -100, reduction)
+        logits = F.linear(h2, self.lm_head_weight).float()  # (B*T, V), fp32 for the softmax
+        return F.cross_entropy(logits, t, ignore_index=-100, reduction=reduction)
+
+    # -- generation ------------------------------------------------------------------------------------
+    def setup_caches(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> None:
+        """Allocate a KV cache of max_len slots per layer (max_len <= block_size: RoPE is built for that)."""
+        if max_len > self.cfg.block_size:
+            raise ValueError(f"cache of {max_len} tokens exceeds the model's context ({self.cfg.block_size}); "
+                             "shorten the prompt or --max_new_tokens")
+        p = self.tok_embeddings.weight
+        for layer in self.layers:
+            layer.attention.cache = KVCache(batch, self.cfg.n_kv_heads, max_len, self.cfg.head_dim,
+                                            dtype or p.dtype, p.device)
+
+    def clear_caches(self) -> None:
+        for layer in self.layers:
+            layer.attention.cache = None
+
+    # -- optimizer -----------------------------------------------------------------------------------
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Weight decay on matrices (linears, embedding) only; none on norms."""
+        decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -1,0 +1,195 @@
+"""The model: shapes and parameter counts, causality, RoPE, GQA, and the whole forward pass against
+Hugging Face transformers' LlamaForCausalLM as an independent reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from storyllama.config import PRESETS, ModelConfig, preset
+from storyllama.hf import hf_config_dict, to_hf_state_dict
+from storyllama.model import Llama
+
+SMALL = dict(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, block_size=64, hidden_dim=96)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_param_count_matches_formula(name):
+    cfg = preset(name)
+    with torch.device("meta"):
+        model = Llama(cfg)
+    assert sum(p.numel() for p in model.parameters()) == cfg.num_params()
+
+
+def test_seed_preset_is_about_50m_with_tied_embeddings():
+    cfg = preset("storyllama-88m")
+    assert (cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.block_size, cfg.vocab_size) == (
+        512, 8, 8, 2, 512, 50304)
+    assert 49e6 < cfg.num_params() < 51e6
+
+
+def test_untied_head_adds_vocab_by_dim():
+    tied, untied = ModelConfig(**SMALL), ModelConfig(**SMALL, tie_embeddings=False)
+    assert untied.num_params() - tied.num_params() == 256 * 64
+    assert sum(p.numel() for p in Llama(untied).parameters()) == untied.num_params()
+
+
+def test_causal_future_tokens_do_not_change_past_logits():
+    torch.manual_seed(0)
+    model = Llama(ModelConfig(**SMALL)).eval()
+    idx = torch.randint(0, 256, (2, 40))
+    changed = idx.clone()
+    changed[:, 25:] = torch.randint(0, 256, (2, 15))
+    a, b = model(idx), model(changed)
+    torch.testing.assert_close(a[:, :25], b[:, :25], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(a[:, 25:], b[:, 25:])
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    from kernels.rope import rope_cos_sin, rope_reference
+
+    torch.manual_seed(0)
+    D = 32
+    q, k = torch.randn(1, 1, 1, D, dtype=torch.float64), torch.randn(1, 1, 1, D, dtype=torch.float64)
+
+    def score(pq: int, pk: int) -> torch.Tensor:
+        cq, sq = rope_cos_sin(torch.tensor([[pq]]), D, 10000.0)
+        ck, sk = rope_cos_sin(torch.tensor([[pk]]), D, 10000.0)
+        return (rope_reference(q, cq.double(), sq.double()) * rope_reference(k, ck.double(), sk.double())).sum()
+
+    base = score(7, 3)
+    for offset in (1, 10, 200):
+        torch.testing.assert_close(score(7 + offset, 3 + offset), base, rtol=1e-6, atol=1e-6)  # cos/sin are fp32
+    assert not torch.isclose(score(8, 3), base)  # a different distance gives a different score
+
+
+def test_gqa_with_all_kv_heads_is_multi_head_attention():
+    """n_kv_heads == n_heads: our attention equals textbook multi-head attention with the same weights."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**SMALL, "n_kv_heads": 4})
+    attn = Llama(cfg).layers[0].attention.eval()
+    x = torch.randn(2, 10, cfg.dim)
+    cos, sin = Llama(cfg).rope_cos[:, :10], Llama(cfg).rope_sin[:, :10]
+    from kernels.rope import rope_reference
+
+    B, T, H, D = 2, 10, 4, 16
+    q = rope_reference(attn.wq(x).view(B, T, H, D), cos, sin).transpose(1, 2)
+    k = rope_reference(attn.wk(x).view(B, T, H, D), cos, sin).transpose(1, 2)
+    v = attn.wv(x).view(B, T, H, D).transpose(1, 2)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(D)
+    scores = scores.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf"))
+    expected = attn.wo((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, H * D))
+    torch.testing.assert_close(attn(x, cos, sin), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gqa_shares_kv_heads_across_query_groups():
+    """n_kv_heads=2 equals n_kv_heads=4 with each kv head's weights repeated for its query group."""
+    torch.manual_seed(0)
+    gqa = Llama(ModelConfig(**SMALL)).eval()  # 4 query heads, 2 kv heads
+    mha = Llama(ModelConfig(**{**SMALL, "n_kv_heads": 4})).eval()
+    sd = gqa.state_dict()
+    for i in range(2):
+        for w in ("wk", "wv"):
+            key = f"layers.{i}.attention.{w}.weight"
+            sd[key] = sd[key].view(2, 16, 64).repeat_interleave(2, dim=0).reshape(64, 64)
+    mha.load_state_dict(sd)
+    idx = torch.randint(0, 256, (2, 20))
+    torch.testing.assert_close(gqa(idx), mha(idx), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_logits_match_transformers_llama(tied):
+    transformers = pytest.importorskip("transformers", reason="transformers is the independent reference")
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**SMALL, "tie_embeddings": tied, "rope_theta": 500.0})
+    ours = Llama(cfg, fused_ce=False).eval()
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config_dict(cfg))).eval()
+    hf.load_state_dict(to_hf_state_dict(ours.state_dict(), cfg))
+    idx = torch.randint(0, 256, (3, 50))
+    with torch.no_grad():
+        expected = hf(idx).logits
+        got = ours(idx)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    # and the loss agrees with transformers' shifted-label loss
+    with torch.no_grad():
+        hf_loss = hf(idx, labels=idx).loss
+        our_loss = ours(idx[:, :-1], idx[:, 1:])
+    torch.testing.assert_close(our_loss, hf_loss, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_and_unfused_loss_agree():
+    torch.manual_seed(0)
+    model = Llama(ModelConfig(**SMALL))
+    idx = torch.randint(0, 256, (2, 33))
+    targets = idx[:, 1:].clone()
+    targets[0, :5] = -100  # ignored positions
+    losses, grads = [], []
+    for fused in (True, False):
+        model.fused_ce = fused
+        model.zero_grad()
+        loss = model(idx[:, :-1], targets)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(model.tok_embeddings.weight.grad.clone())
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_loss_at_init_is_close_to_uniform():
+    torch.manual_seed(0)
+    cfg = preset("tiny")
+    model = Llama(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (4, 65))
+    loss = model(idx[:, :-1], idx[:, 1:]).item()
+    assert abs(loss - math.log(cfg.vocab_size)) < 0.1, loss
+
+
+def test_small_model_overfits_one_batch():
+    torch.manual_seed(0)
+    model = Llama(ModelConfig(**SMALL))
+    idx = torch.randint(0, 256, (4, 33))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        loss = model(idx[:, :-1], idx[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.2, loss.item()
+
+
+def test_two_half_batches_accumulate_to_the_full_batch_gradient():
+    torch.manual_seed(0)
+    model = Llama(ModelConfig(**SMALL))
+    idx = torch.randint(0, 256, (4, 33))
+    x, y = idx[:, :-1], idx[:, 1:]
+    model(x, y).backward()
+    full = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    for part in (slice(0, 2), slice(2, 4)):
+        (model(x[part], y[part]) / 2).backward()
+    for g, p in zip(full, model.parameters()):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
+
+
+def test_context_longer_than_block_size_is_a_clear_error():
+    model = Llama(ModelConfig(**SMALL))
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_config_errors_name_the_option():
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        ModelConfig(**{**SMALL, "n_kv_heads": 3})
+    with pytest.raises(ValueError, match="did you mean storyllama-88m"):
+        preset("storyllama-88")
+
+
+def test_compiled_model_gives_the_eager_loss():
+    torch.manual_seed(0)
+    model = Llama(ModelConfig(**SMALL))
+    idx = torch.randint(0, 256, (2, 33))
+    eager = model(idx[:, :-1], idx[:, 1:])
+    compiled = torch.compile(model, fullgraph=True)(idx[:, :-1], idx[:, 1:])
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
