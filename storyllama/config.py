@@ -42,7 +42,8 @@ class ModelConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.dim % self.n_heads:
-            raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads}): change --dim or --n_heads")
+            raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads}): "
+                             "change --dim or --n_heads")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads}) "
                              "for grouped-query attention: change --n_kv_heads")
@@ -206,6 +207,7 @@ SEED_ALIASES: dict[str, list[str]] = {
     "beta2": ["--beta_2"],
     "save_interval": ["--save_checkpoint_iter"],
     "max_new_tokens": ["--max_length"],
+    "sample_tokens": ["--max_length"],  # bin/train's samples at each eval
 }
 
 
