@@ -137,7 +137,7 @@ class TrainConfig:
     seed: int = 1337
     # samples printed at each eval
     prompt: str = "Once upon a time"
-    sample_tokens: int = 64
+    sample_tokens: int = 64  # 0: no sample at evals
     temperature: float = 0.8
     # Weights & Biases (never required; works with WANDB_MODE=offline)
     wandb: bool = False
@@ -151,8 +151,8 @@ class TrainConfig:
         for k, v in checks.items():
             if v <= 0:
                 raise ValueError(f"--{k} must be positive, got {v}")
-        if self.warmup_iters < 0 or self.eval_iters < 0:
-            raise ValueError("--warmup_iters and --eval_iters must be >= 0")
+        if self.warmup_iters < 0 or self.eval_iters < 0 or self.sample_tokens < 0:
+            raise ValueError("--warmup_iters, --eval_iters and --sample_tokens must be >= 0")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"--min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 

@@ -328,9 +328,9 @@ def _train(cfg: TrainConfig, args: argparse.Namespace, d: Dist, device: torch.de
             plot_losses(metrics_path, run_dir / "loss.png")
             if wandb_run is not None:
                 wandb_run.log({"val/loss": val, "val/bpb": bpb}, step=step)
-            text = sample_text(raw_model, enc, cfg, eot_id, device)
-            log.info("step %d: val loss %.4f, %.4f bits per byte%s\n  sample: %s", step, val, bpb,
-                     " (best)" if is_best else "", text.replace("\n", " "))
+            log.info("step %d: val loss %.4f, %.4f bits per byte%s", step, val, bpb, " (best)" if is_best else "")
+            if cfg.sample_tokens > 0:
+                log.info("  sample: %s", sample_text(raw_model, enc, cfg, eot_id, device).replace("\n", " "))
         return is_best
 
     model.train()
