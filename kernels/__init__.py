@@ -7,12 +7,13 @@ the model's choice between the Triton kernels and the reference is made.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
-from kernels.cross_entropy import linear_cross_entropy_reference
+from kernels._triton_utils import HAS_TRITON
+from kernels.cross_entropy import linear_cross_entropy_chunked, linear_cross_entropy_reference  # noqa: F401
 from kernels.rmsnorm import rmsnorm_reference
 from kernels.rope import rope_reference
 from kernels.swiglu import swiglu_reference
@@ -30,7 +31,8 @@ class KernelOps:
     rope(x, cos, sin) -> y                       x (B, T, H, D); cos, sin (B or 1, T, D/2), half-split layout
     swiglu(a, b) -> silu(a) * b                  a, b (..., F)
     linear_cross_entropy(x, weight, targets, ignore_index=-100, reduction="mean") -> loss
-                                                 x (N, C), weight (V, C), targets (N,)
+                                                 x (N, C), weight (V, C), targets (N,); reduction "mean" or
+                                                 "sum"; loss () fp32; chunked, never the full (N, V) logits
     """
 
     backend: str
@@ -40,7 +42,9 @@ class KernelOps:
     linear_cross_entropy: Callable
 
 
-REFERENCE = KernelOps("reference", rmsnorm_reference, rope_reference, swiglu_reference, linear_cross_entropy_reference)
+# The reference backend's loss is the chunked torch-ops version (what `--fused_ce` uses on CPU);
+# `linear_cross_entropy_reference` stays the plain unfused math the tests compare against.
+REFERENCE = KernelOps("reference", rmsnorm_reference, rope_reference, swiglu_reference, linear_cross_entropy_chunked)
 
 
 def resolve_backend(requested: str, device: torch.device | str) -> str:
@@ -49,17 +53,31 @@ def resolve_backend(requested: str, device: torch.device | str) -> str:
         raise ValueError(f"--kernels must be one of {', '.join(BACKENDS)}, got {requested!r}")
     on_cuda = torch.device(device).type == "cuda"
     if requested == "auto":
+        if on_cuda and not HAS_TRITON:
+            _say_once(f"kernels=auto: triton is not installed, using the reference ops on {device}")
+            return "reference"
+        if not on_cuda:
+            _say_once(f"kernels=auto: no CUDA device ({device}), using the reference ops")
         return "triton" if on_cuda else "reference"
     if requested == "triton" and not on_cuda:
         raise ValueError("--kernels triton needs a CUDA device; use --kernels reference (or auto) on CPU")
     return requested
 
 
+_said: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        log.info(message)
+
+
 def get_ops(backend: str) -> KernelOps:
     if backend == "reference":
         return REFERENCE
     if backend == "triton":
-        from kernels.triton_ops import TRITON  # imports triton only when asked for
+        from kernels.triton_ops import TRITON
 
         return TRITON
     raise ValueError(f"unknown kernel backend {backend!r}; expected 'triton' or 'reference'")

@@ -1,9 +1,248 @@
-"""Linear + cross-entropy: loss = CE(x @ weight.T, targets)."""
+"""Fused linear + cross-entropy: loss = CE(x @ weight.T, targets), never holding the (N, V) logits.
+
+Rows are taken in chunks. Per chunk: logits = x_chunk @ W.T (a torch matmul), then one pass turns the
+logits into the row losses and, in place, into dloss/dlogits; grad_x_chunk = dlogits @ W and
+grad_W += dlogits.T @ x_chunk follow at once. So the forward also computes the gradients; they are
+kept and the backward only scales them by the incoming gradient. Peak extra memory is one chunk of
+logits (by default about the size of W) plus the fp32 grad_W accumulator, instead of several (N, V)
+buffers.
+
+Reads top to bottom: the Triton loss/gradient kernel and its launcher, the same step in torch ops, the
+chunk loop, the two torch ops (`storyllama::linear_cross_entropy`, Triton step where eligible;
+`storyllama::linear_cross_entropy_chunked`, torch step: the CPU path) with autograd and fake
+implementations, and the plain unfused reference.
+
+Reductions: "mean" divides by the number of non-ignored targets in this call (NaN when there are none,
+as F.cross_entropy); "sum" does not divide. Under gradient accumulation with varying numbers of
+ignored targets per micro-batch, the exact token mean is sum-reduced losses divided by the total count.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from kernels._triton_utils import next_pow2, tl, triton, use_triton, warps_for
+
+# Vocabulary block per loop step: 4k fp32 values in flight per program (16 per thread at 8 warps).
+MAX_BLOCK_V = 4096
+
+
+@triton.jit
+def _ce_loss_grad_kernel(
+    LOGITS,  # (n, V) this chunk's logits, row stride stride_row; overwritten with dloss/dlogits if WRITE_GRAD
+    TARGETS,  # (n,) class ids; ignore_index rows add no loss and get a zero gradient row
+    LOSS,  # (n,) fp32 out: logsumexp(z) - z[target], 0 for ignored rows
+    SCALE,  # () fp32: factor on every gradient (1 / non-ignored count for "mean", 1 for "sum")
+    V,
+    stride_row,
+    ignore_index,
+    WRITE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    # Loss: l = lse - z_t with lse = log(sum_j exp(z_j)), computed online in one pass over V blocks
+    # (running max m and running sum d rescaled when m grows), all in fp32.
+    # Gradient: dl/dz_j = exp(z_j - lse) - [j == t] = softmax_j - onehot_j, times SCALE; a second pass.
+    row = tl.program_id(0).to(tl.int64)
+    ptr = LOGITS + row * stride_row
+    target = tl.load(TARGETS + row)
+    valid = target != ignore_index
+    m = float("-inf")
+    d = 0.0
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        z = tl.load(ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(z, axis=0))  # finite: every block holds at least one real column
+        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        m = m_new
+    lse = m + tl.log(d)
+    z_target = tl.load(ptr + tl.where(valid, target, 0)).to(tl.float32)  # read before pass 2 overwrites it
+    tl.store(LOSS + row, tl.where(valid, lse - z_target, 0.0))
+    if WRITE_GRAD:
+        scale = tl.load(SCALE) * valid.to(tl.float32)  # ignored rows: an all-zero gradient row
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            z = tl.load(ptr + cols, mask=cols < V, other=0.0).to(tl.float32)
+            g = tl.exp(z - lse) - tl.where(cols == target, 1.0, 0.0)
+            tl.store(ptr + cols, (g * scale).to(LOGITS.dtype.element_ty), mask=cols < V)
+
+
+def ce_loss_grad_triton_(
+    logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor, ignore_index: int, write_grad: bool = True
+) -> torch.Tensor:
+    """logits (n, V), unit column stride, overwritten with dloss/dlogits * scale; -> row losses (n,) fp32."""
+    n, V = logits.shape
+    assert logits.stride(1) == 1, "the chunk's logits must have contiguous rows"
+    loss = torch.empty((n,), dtype=torch.float32, device=logits.device)
+    if n:
+        block_v = min(next_pow2(V), MAX_BLOCK_V)
+        _ce_loss_grad_kernel[(n,)](
+            logits, targets, loss, scale, V, logits.stride(0), ignore_index,
+            WRITE_GRAD=write_grad, BLOCK_V=block_v, num_warps=warps_for(block_v),
+        )  # fmt: skip
+    return loss
+
+
+def ce_loss_grad_torch_(
+    logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor, ignore_index: int, write_grad: bool = True
+) -> torch.Tensor:
+    """The same step in torch ops (the CPU path): in place, fp32 math; -> row losses (n,) fp32."""
+    z = logits if logits.dtype == torch.float32 else logits.float()  # (n, V) fp32
+    valid = targets != ignore_index
+    t = torch.where(valid, targets, 0)[:, None]  # (n, 1), safe index for ignored rows
+    lse = torch.logsumexp(z, dim=-1)  # (n,)
+    loss = torch.where(valid, lse - z.gather(1, t).squeeze(1), 0.0)
+    if write_grad:
+        z.sub_(lse[:, None]).exp_()  # softmax, in place: no second (n, V) buffer
+        z.scatter_add_(1, t, -valid.to(z.dtype)[:, None])  # minus the one-hot target
+        z.mul_((valid * scale)[:, None])  # ignored rows -> 0
+        if z is not logits:
+            logits.copy_(z)
+    return loss
+
+
+# ---- the chunk loop shared by both ops ----
+
+
+def default_chunk_rows(C: int) -> int:
+    """Rows per chunk: C rounded up to a multiple of 64, so a chunk's (rows, V) logits hold about as many
+    elements as the (V, C) weight (peak extra memory ~ one weight), and the matmuls keep 64-row tiles."""
+    return max(64, -(-C // 64) * 64)
+
+
+def _chunked_loss_and_grads(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int,
+    reduction: str,
+    chunk_size: int,
+    compute_grad: bool,
+    triton_step: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (N, C), weight (V, C), targets (N,) -> loss () fp32, grad_x (N, C) in x's dtype, grad_w (V, C)
+    in weight's dtype (both (0,) when not compute_grad). The matmuls run in x's dtype."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"linear_cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r}")
+    N, C = x.shape
+    w = weight.to(x.dtype)  # (V, C), a no-op unless x is bf16 and the weight fp32 (autocast)
+    targets = targets.long()
+    valid_count = (targets != ignore_index).sum()  # stays a tensor: no host sync
+    # Scale on every gradient; clamp so an all-ignored batch gives zero gradients, not NaN.
+    scale = (1.0 / valid_count.clamp(min=1)).float() if reduction == "mean" else x.new_ones((), dtype=torch.float32)
+    loss = x.new_zeros((), dtype=torch.float32)
+    grad_x = torch.empty((N, C) if compute_grad else (0,), dtype=x.dtype, device=x.device)
+    # grad_w accumulated in fp32 over chunks whatever the matmul dtype.
+    grad_w = torch.zeros(weight.shape if compute_grad else (0,), dtype=torch.float32, device=x.device)
+    step = ce_loss_grad_triton_ if triton_step else ce_loss_grad_torch_
+    rows = chunk_size if chunk_size > 0 else default_chunk_rows(C)
+    for start in range(0, N, rows):
+        x_c = x[start : start + rows]  # (n, C)
+        logits = x_c @ w.T  # (n, V): the only vocabulary-sized buffer
+        loss += step(logits, targets[start : start + rows], scale, ignore_index, compute_grad).sum()
+        if compute_grad:
+            dlogits = logits  # (n, V), overwritten in place by the step
+            torch.mm(dlogits, w, out=grad_x[start : start + rows])  # (n, C)
+            if dlogits.dtype == torch.float32:
+                grad_w.addmm_(dlogits.T, x_c)  # (V, C), no temporary
+            else:
+                grad_w.add_(dlogits.T @ x_c)  # low-precision (V, C) product, summed into fp32
+            del dlogits
+        del logits  # free this chunk before the next one is allocated
+    if reduction == "mean":
+        loss = loss / valid_count  # NaN when every target is ignored, like F.cross_entropy
+    return loss, grad_x, grad_w.to(weight.dtype)
+
+
+# ---- torch ops: autograd scales the saved gradients; fake gives the shapes ----
+
+
+def _fake(x, weight, targets, ignore_index, reduction, chunk_size, compute_grad):
+    loss = x.new_empty((), dtype=torch.float32)
+    if compute_grad:
+        return loss, x.new_empty(x.shape), weight.new_empty(weight.shape)
+    return loss, x.new_empty((0,)), weight.new_empty((0,))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.compute_grad = inputs[-1]
+    ctx.save_for_backward(output[1], output[2])
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _backward(ctx, dloss, _dgrad_x, _dgrad_w):
+    if not ctx.compute_grad:
+        raise RuntimeError("linear_cross_entropy ran without gradients (no_grad or no input needing grad)")
+    grad_x, grad_w = ctx.saved_tensors
+    return grad_x * dloss, grad_w * dloss, None, None, None, None, None
+
+
+@torch.library.custom_op("storyllama::linear_cross_entropy", mutates_args=())
+def linear_cross_entropy_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int,
+    reduction: str,
+    chunk_size: int,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    triton_step = use_triton("linear_cross_entropy", x, weight)
+    return _chunked_loss_and_grads(x, weight, targets, ignore_index, reduction, chunk_size, compute_grad, triton_step)
+
+
+@torch.library.custom_op("storyllama::linear_cross_entropy_chunked", mutates_args=())
+def linear_cross_entropy_chunked_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int,
+    reduction: str,
+    chunk_size: int,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _chunked_loss_and_grads(x, weight, targets, ignore_index, reduction, chunk_size, compute_grad, False)
+
+
+for _op in (linear_cross_entropy_op, linear_cross_entropy_chunked_op):
+    _op.register_fake(_fake)
+    _op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _call(op, x, weight, targets, ignore_index, reduction, chunk_size):
+    if x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
+        x = x.to(torch.get_autocast_dtype(x.device.type))  # the matmuls in autocast's dtype, as F.linear would
+    compute_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    x2 = x.reshape(-1, x.shape[-1])  # (N, C)
+    return op(x2, weight, targets.reshape(-1), ignore_index, reduction, chunk_size or 0, compute_grad)[0]
+
+
+def linear_cross_entropy(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Fused linear + CE as a torch op, Triton loss/gradient step (torch step where Triton is not eligible).
+    x (N, C) or (..., C), weight (V, C), targets (N,) or (...) -> loss () fp32."""
+    return _call(linear_cross_entropy_op, x, weight, targets, ignore_index, reduction, chunk_size)
+
+
+def linear_cross_entropy_chunked(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """The same chunked fused linear + CE in torch ops only (CPU's `--fused_ce`). Same arguments."""
+    return _call(linear_cross_entropy_chunked_op, x, weight, targets, ignore_index, reduction, chunk_size)
+
+
+# ---- plain unfused reference ----
 
 
 def linear_cross_entropy_reference(
