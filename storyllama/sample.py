@@ -1,0 +1,438 @@
+"""Sampling: prefill the prompt(s) once, then decode one token a step against a preallocated KV cache.
+
+Several prompts of different lengths share one batch by left padding. With P the longest prompt and
+pad[i] = P - len(prompt i), cache slot s of row i holds the token at position s - pad[i]; slots
+below pad[i] hold padding that no real token attends to. The cache has P + max_new_tokens slots
+(checked against the model's context before anything runs).
+
+Per decoding step the work is one `decode_one_token` (the model on one token per row, logits over
+the tokenizer's vocabulary only) and `sample_one_no_sync` (repetition penalty, temperature, top-k,
+top-p, then the exponential race `argmax(p / E)`, E ~ Exp(1) drawn from a seeded torch.Generator
+outside the step). Nothing in the step reads a value back to the host; finished rows are tracked
+in a `done` mask on the device and checked every few steps (or every step when streaming). With
+`compile=True` the step is compiled once for the batch's static shapes (CUDA graphs on CUDA).
+
+`generate_recompute` is the slow reference without a cache (the whole sequence through the model for
+every token, as the seed project did); it draws the same random numbers, so the two agree token for
+token.
+
+Public API:
+    generate(model, prompt_ids, cfg, eot_id, vocab_limit, on_token=None, stats=None) -> list[list[int]]
+    generate_recompute(model, prompt_ids, cfg, eot_id, vocab_limit) -> list[list[int]]
+    prefill, decode_one_token, sample_one_no_sync, apply_repetition_penalty
+    main(argv) -> exit code      (bin/sample)
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from storyllama.config import SampleConfig, add_dataclass_args, given
+from storyllama.model import Llama
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+CHECK_DONE_EVERY = 8  # decoding steps between host reads of the `done` mask (when not streaming)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What `sample_one_no_sync` needs of a SampleConfig; constants of a compiled step."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+
+    @classmethod
+    def of(cls, cfg: SampleConfig) -> SamplingParams:
+        return cls(cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+# -- the model side: prefill and one decoding step ----------------------------------------------------
+def _lm_head(model: Llama, h: torch.Tensor, vocab_limit: int) -> torch.Tensor:
+    """Logits (B, vocab_limit) in fp32 of the last hidden state h (B, dim). Rows of the LM head past the
+    tokenizer's vocabulary (padding to a multiple of 64) are never computed, so never sampled."""
+    return F.linear(h, model.lm_head_weight[:vocab_limit]).float()
+
+
+def _cache_len(model: Llama) -> int:
+    cache = model.layers[0].attention.cache
+    if cache is None:
+        raise RuntimeError("the model has no KV cache: call model.setup_caches(batch, max_len) first")
+    return cache.k.shape[2]
+
+
+def prefill(model: Llama, idx: torch.Tensor, pad: torch.Tensor, vocab_limit: int) -> torch.Tensor:
+    """Run left-padded prompts idx (B, P) through the model, filling cache slots 0..P-1.
+
+    pad (B, 1): padding tokens at the start of each row. Returns the logits (B, vocab_limit) of the
+    last prompt token of each row.
+    """
+    B, P = idx.shape
+    S = _cache_len(model)
+    slots = torch.arange(S, device=idx.device)  # (S,)
+    t = slots[:P, None]  # (P, 1): the query slots
+    real = slots[None, None, :] >= pad[:, :, None]  # (B, 1, S): slots holding real tokens
+    # Causal over slots, real keys only; a padding query attends to itself alone, so every row of the
+    # mask has a True (no NaN from an all-masked softmax) and padding never reaches a real token.
+    mask = (slots[None] <= t) & (real | (slots[None] == t))  # (B, P, S)
+    positions = (slots[None, :P] - pad).clamp(min=0)  # (B, P): RoPE position of each slot
+    h = model.hidden_states(idx, positions=positions, cache_pos=slots[:P], attn_mask=mask[:, None])
+    return _lm_head(model, h[:, -1], vocab_limit)
+
+
+def decode_one_token(model: Llama, tok: torch.Tensor, cache_pos: torch.Tensor, pad: torch.Tensor,
+                     vocab_limit: int) -> torch.Tensor:
+    """One token per row tok (B, 1) into cache slot cache_pos (1,); returns logits (B, vocab_limit).
+
+    Static shapes: the mask covers every cache slot (B, 1, 1, S), with the slots not yet written
+    and each row's padding masked out, so one compiled graph serves every step.
+    """
+    S = _cache_len(model)
+    slots = torch.arange(S, device=tok.device)  # (S,)
+    mask = (slots >= pad) & (slots <= cache_pos)  # (B, S)
+    positions = cache_pos[None] - pad  # (B, 1)
+    h = model.hidden_states(tok, positions=positions, cache_pos=cache_pos, attn_mask=mask[:, None, None, :])
+    return _lm_head(model, h[:, -1], vocab_limit)
+
+
+# -- the sampling side ---------------------------------------------------------------------------------
+def apply_repetition_penalty(logits: torch.Tensor, presence: torch.Tensor, penalty: float) -> torch.Tensor:
+    """For tokens already present (presence (B, V) bool): divide positive logits by `penalty`, multiply
+    negative ones by it (CTRL's penalty, as in transformers). logits (B, V) -> (B, V)."""
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(presence, penalized, logits)
+
+
+def sample_one_no_sync(logits: torch.Tensor, params: SamplingParams, presence: torch.Tensor | None = None,
+                       noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Next token (B,) from logits (B, V), on the device, without reading anything back to the host.
+
+    Order: repetition penalty, then greedy argmax (temperature 0), or temperature, top-k, top-p and a
+    draw. noise (B, V) ~ Exp(1): argmax(p_i / E_i) picks token i with probability p_i (the exponential
+    race), so the draw is one argmax and the random numbers come from the caller's generator.
+    """
+    if params.repetition_penalty != 1.0 and presence is not None:
+        logits = apply_repetition_penalty(logits, presence, params.repetition_penalty)
+    if params.greedy:
+        return logits.argmax(dim=-1)
+    logits = logits / params.temperature
+    neg_inf = float("-inf")  # filtered tokens; the most likely token always survives both filters
+    if params.top_k is not None and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, neg_inf)
+    if params.top_p is not None and params.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V) each
+        probs = sorted_logits.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # probability mass ranked above each token
+        # Keep the smallest set whose mass reaches top_p (the most likely token always stays).
+        sorted_logits = sorted_logits.masked_fill(before >= params.top_p, neg_inf)
+        logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
+    # p_i / E_i in log space: log p_i - log E_i; the softmax's normaliser is common to all i.
+    return (logits - noise.log()).argmax(dim=-1)
+
+
+def _decode_step(model: Llama, tok: torch.Tensor, cache_pos: torch.Tensor, pad: torch.Tensor,
+                 presence: torch.Tensor | None, noise: torch.Tensor | None, done: torch.Tensor,
+                 params: SamplingParams, eot_id: int, vocab_limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """decode_one_token + sample_one_no_sync + the done mask: the unit that `--compile` compiles.
+    Pure apart from the KV cache write, so CUDA graphs can replay it."""
+    logits = decode_one_token(model, tok, cache_pos, pad, vocab_limit)
+    nxt = sample_one_no_sync(logits, params, presence, noise)  # (B,)
+    nxt = torch.where(done, eot_id, nxt)  # finished rows keep emitting EOT
+    return nxt, done | (nxt == eot_id)
+
+
+_compiled_steps: dict[str, Callable] = {}
+
+
+def _compiled_decode_step(device: torch.device) -> Callable:
+    """torch.compile of _decode_step, static shapes; on CUDA with CUDA graphs (reduce-overhead)."""
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    if mode not in _compiled_steps:
+        # Each (model, batch, cache length, sampling settings) is its own static graph; allow a few.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        _compiled_steps[mode] = torch.compile(_decode_step, mode=mode, dynamic=False, fullgraph=True)
+    return _compiled_steps[mode]
+
+
+# -- the loop --------------------------------------------------------------------------------------------
+def check_fits(model: Llama, prompt_len: int, max_new_tokens: int) -> None:
+    block = model.cfg.block_size
+    if prompt_len + max_new_tokens > block:
+        room = block - prompt_len
+        fix = (f"set --max_new_tokens to at most {room} or shorten the prompt" if room > 0
+               else f"shorten the prompt to under {block} tokens")
+        raise ValueError(f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens = "
+                         f"{prompt_len + max_new_tokens} tokens exceeds the model's context of {block} tokens; "
+                         f"{fix}")
+
+
+def _left_pad(prompt_ids: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts -> idx (B, P) left-padded with token 0, pad (B, 1) the padding per row."""
+    if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("every prompt needs at least one token (an empty prompt can start with <|endoftext|>)")
+    P = max(len(p) for p in prompt_ids)
+    idx = torch.tensor([[0] * (P - len(p)) + list(p) for p in prompt_ids], dtype=torch.long, device=device)
+    pad = torch.tensor([[P - len(p)] for p in prompt_ids], dtype=torch.long, device=device)
+    return idx, pad
+
+
+def _presence(prompt_ids: list[list[int]], vocab_limit: int, device: torch.device) -> torch.Tensor:
+    """(B, vocab_limit) bool: which tokens each prompt holds (padding excluded)."""
+    presence = torch.zeros(len(prompt_ids), vocab_limit, dtype=torch.bool, device=device)
+    for i, p in enumerate(prompt_ids):
+        ids = torch.tensor([t for t in p if t < vocab_limit], dtype=torch.long, device=device)
+        presence[i, ids] = True
+    return presence
+
+
+def _generator(device: torch.device, seed: int | None) -> torch.Generator:
+    g = torch.Generator(device=device)
+    if seed is None:
+        g.seed()  # a fresh nondeterministic seed
+    else:
+        g.manual_seed(seed)
+    return g
+
+
+def _noise(params: SamplingParams, shape: tuple[int, int], gen: torch.Generator, device: torch.device):
+    """Exp(1) noise for one draw, or None when greedy (no random numbers used)."""
+    if params.greedy:
+        return None
+    return torch.empty(shape, device=device).exponential_(generator=gen)
+
+
+def _trim(rows: list[list[int]], eot_id: int | None) -> list[list[int]]:
+    """Cut each row before its first EOT."""
+    if eot_id is None:
+        return rows
+    return [r[:r.index(eot_id)] if eot_id in r else r for r in rows]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def generate(model: Llama, prompt_ids: list[list[int]], cfg: SampleConfig, eot_id: int | None, vocab_limit: int,
+             on_token: Callable[[list[int]], None] | None = None, stats: dict | None = None) -> list[list[int]]:
+    """Continue each prompt (token ids) by up to cfg.max_new_tokens tokens; one row per prompt.
+
+    Uses cfg's temperature, top_k, top_p, repetition_penalty, seed and compile (num_samples and prompt
+    are the caller's business: repeat a prompt to sample it several times). Each returned row stops
+    before its first `eot_id` (None: never stop early). `vocab_limit`: the tokenizer's vocabulary; ids
+    at or above it (the model's padded rows) are never produced. `on_token(ids)` is called with one id
+    per row after each step (EOT for rows already finished); `stats`, when given, receives
+    prefill_s, decode_s, new_tokens (per row, including the first from the prefill) and batch.
+    """
+    device = model.lm_head_weight.device
+    params = SamplingParams.of(cfg)
+    B, P, n_new = len(prompt_ids), max((len(p) for p in prompt_ids), default=0), cfg.max_new_tokens
+    check_fits(model, P, n_new)
+    if vocab_limit > model.cfg.vocab_size:
+        raise ValueError(f"tokenizer vocabulary ({vocab_limit}) is larger than the model's ({model.cfg.vocab_size})")
+    eot = -1 if eot_id is None else eot_id
+    idx, pad = _left_pad(prompt_ids, device)
+    gen = _generator(device, cfg.seed)
+    presence = _presence(prompt_ids, vocab_limit, device) if params.repetition_penalty != 1.0 else None
+    step = _compiled_decode_step(device) if cfg.compile else _decode_step
+    out = torch.full((B, n_new), eot, dtype=torch.long, device=device)  # (B, n_new) generated ids
+    model.setup_caches(B, P + n_new, dtype=model.lm_head_weight.dtype)
+    try:
+        t0 = time.perf_counter()
+        logits = prefill(model, idx, pad, vocab_limit)
+        tok = sample_one_no_sync(logits, params, presence, _noise(params, (B, vocab_limit), gen, device))
+        done = tok == eot
+        out[:, 0] = tok
+        tok = tok.view(B, 1)  # (B, 1): the token each row feeds next
+        _sync(device)
+        t1 = time.perf_counter()
+        cache_pos = torch.tensor([P], dtype=torch.long, device=device)  # (1,) the slot the next token goes to
+        n = 1
+        for i in range(1, n_new):
+            if on_token is not None:
+                on_token(out[:, i - 1].tolist())
+                if bool(done.all()):
+                    break
+            elif i % CHECK_DONE_EVERY == 0 and bool(done.all()):
+                break
+            if presence is not None:
+                presence.scatter_(1, tok, True)
+            noise = _noise(params, (B, vocab_limit), gen, device)
+            nxt, done = step(model, tok, cache_pos, pad, presence, noise, done, params, eot, vocab_limit)
+            # Copies: CUDA graphs reuse their output buffers on the next replay.
+            out[:, i] = nxt
+            tok, done = nxt.view(B, 1).clone(), done.clone()
+            cache_pos += 1
+            n += 1
+        else:
+            if on_token is not None:
+                on_token(out[:, n_new - 1].tolist())
+        _sync(device)
+        t2 = time.perf_counter()
+    finally:
+        model.clear_caches()
+    if stats is not None:
+        stats.update(prefill_s=t1 - t0, decode_s=t2 - t1, new_tokens=n, batch=B, prompt_tokens=P)
+    return _trim(out[:, :n].tolist(), eot_id)
+
+
+@torch.inference_mode()
+def generate_recompute(model: Llama, prompt_ids: list[list[int]], cfg: SampleConfig, eot_id: int | None,
+                       vocab_limit: int, stats: dict | None = None) -> list[list[int]]:
+    """The reference without a cache: every step runs the whole sequence through the model (prompts of
+    equal length only). Draws the same random numbers as `generate`, so the two agree token for token."""
+    device = model.lm_head_weight.device
+    if len({len(p) for p in prompt_ids}) != 1:
+        raise ValueError("generate_recompute needs prompts of equal length")
+    params = SamplingParams.of(cfg)
+    B, P, n_new = len(prompt_ids), len(prompt_ids[0]), cfg.max_new_tokens
+    check_fits(model, P, n_new)
+    eot = -1 if eot_id is None else eot_id
+    gen = _generator(device, cfg.seed)
+    presence = _presence(prompt_ids, vocab_limit, device) if params.repetition_penalty != 1.0 else None
+    seq = torch.tensor(prompt_ids, dtype=torch.long, device=device)  # (B, P)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    t0 = time.perf_counter()
+    t1 = t0
+    for i in range(n_new):
+        h = model.hidden_states(seq)  # (B, T, dim)
+        nxt = sample_one_no_sync(_lm_head(model, h[:, -1], vocab_limit), params, presence,
+                                 _noise(params, (B, vocab_limit), gen, device))
+        nxt = torch.where(done, eot, nxt)
+        done = done | (nxt == eot)
+        if presence is not None:
+            presence.scatter_(1, nxt[:, None], True)
+        seq = torch.cat([seq, nxt[:, None]], dim=1)  # (B, T + 1)
+        if i == 0:
+            _sync(device)
+            t1 = time.perf_counter()
+        if bool(done.all()):
+            break
+    _sync(device)
+    if stats is not None:
+        stats.update(prefill_s=t1 - t0, decode_s=time.perf_counter() - t1, new_tokens=seq.shape[1] - P, batch=B,
+                     prompt_tokens=P)
+    return _trim(seq[:, P:].tolist(), eot_id)
+
+
+# -- streaming text --------------------------------------------------------------------------------------
+class TextStream:
+    """Token ids -> text, printing only complete UTF-8 characters (a character may span tokens)."""
+
+    def __init__(self, token_bytes: Callable[[int], bytes], write: Callable[[str], object]):
+        self.token_bytes, self.write = token_bytes, write
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, token_id: int) -> None:
+        text = self.decoder.decode(self.token_bytes(token_id))
+        if text:
+            self.write(text)
+
+    def close(self) -> None:
+        text = self.decoder.decode(b"", final=True)
+        if text:
+            self.write(text)
+
+
+# -- command line ----------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line on stderr, exit 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser(prog: str = "sample") -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, description="Sample stories from a StoryLlama checkpoint (KV-cached).")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="run directory: samples from its latest checkpoint")
+    src.add_argument("--checkpoint", help="a checkpoint directory (RUN_DIR/checkpoints/step_NNNNNN)")
+    add_dataclass_args(p, SampleConfig, prefix_help="sampling")
+    return p
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_for_sampling(path: str, device: torch.device, dtype: torch.dtype):
+    """(model in eval mode with weights in `dtype`, tiktoken encoding, checkpoint dir)."""
+    from data_prep.tokenizer import load_encoding
+    from storyllama.checkpoint import load_model
+
+    model, ckpt = load_model(path, device=device)
+    # Cast the weights only: the RoPE tables stay fp32 (model.to(dtype) would round them).
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    return model, load_encoding(ckpt), ckpt
+
+
+def main(argv: list[str] | None = None, prog: str = "sample") -> int:
+    from data_prep.tokenizer import TokenizerError
+    from storyllama.checkpoint import CheckpointError
+
+    ns = build_parser(prog).parse_args(argv)
+    try:
+        cfg = SampleConfig(**given(ns, SampleConfig))
+        if cfg.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+        device = resolve_device(cfg.device)
+        model, enc, ckpt = load_for_sampling(ns.run or ns.checkpoint, device, DTYPES[cfg.dtype])
+        eot_id = enc.eot_token
+        # An empty prompt starts a story from scratch: training data separates stories with EOT.
+        prompts = [enc.encode(text, allowed_special="all") or [eot_id] for text in cfg.prompt]
+        check_fits(model, max(len(p) for p in prompts), cfg.max_new_tokens)
+    except (ValueError, OSError, CheckpointError, TokenizerError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+
+    rows = [p for p in prompts for _ in range(cfg.num_samples)]
+    stats: dict = {}
+    if len(rows) == 1:
+        # One story: stream it as it is written.
+        sys.stdout.write(cfg.prompt[0])
+        sys.stdout.flush()
+        stream = TextStream(enc.decode_single_token_bytes, lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+        finished = [False]
+
+        def on_token(ids: list[int]) -> None:
+            if not finished[0]:
+                if ids[0] == eot_id:
+                    finished[0] = True
+                else:
+                    stream.feed(ids[0])
+
+        generate(model, rows, cfg, eot_id, enc.n_vocab, on_token=on_token, stats=stats)
+        stream.close()
+        sys.stdout.write("\n")
+    else:
+        outs = generate(model, rows, cfg, eot_id, enc.n_vocab, stats=stats)
+        for i, ids in enumerate(outs):
+            prompt_no, sample_no = divmod(i, cfg.num_samples)
+            print(f"--- prompt {prompt_no + 1}, sample {sample_no + 1} ---")
+            print(cfg.prompt[prompt_no] + enc.decode(ids))
+    sys.stdout.flush()
+    n = stats["new_tokens"] * stats["batch"]
+    print(f"[{ckpt}] prefill {stats['prompt_tokens']} x {stats['batch']} tokens in {stats['prefill_s']:.3f} s; "
+          f"decode {n} tokens in {stats['decode_s']:.2f} s ({n / max(stats['decode_s'], 1e-9):.1f} tokens/s)",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
