@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ FORMAT_VERSION = 1
 HEADER_BYTES = 64
 _HEADER = struct.Struct("<8sIIQ")  # magic, version, itemsize, count (24 bytes; the rest is padding)
 DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
+PAUSE_ENV = "STORYLLAMA_TEST_PAUSE_IN_SHARD_WRITE"  # seconds to sleep half way through each shard (tests)
 
 
 class ShardError(ValueError):
@@ -51,9 +53,17 @@ def write_shard(path: str | Path, tokens: np.ndarray) -> None:
     tokens = tokens.astype(DTYPES[tokens.dtype.itemsize], copy=False)  # little-endian on disk
     header = _HEADER.pack(MAGIC, FORMAT_VERSION, tokens.dtype.itemsize, tokens.size).ljust(HEADER_BYTES, b"\0")
     tmp = path.with_name(path.name + ".tmp")
+    data = memoryview(tokens).cast("B")
     with open(tmp, "wb") as f:
         f.write(header)
-        f.write(tokens.tobytes())
+        pause = os.environ.get(PAUSE_ENV)
+        if pause:  # test hook: stop half way through the data so a test can kill the process here
+            f.write(data[: len(data) // 2])
+            f.flush()
+            time.sleep(float(pause))
+            f.write(data[len(data) // 2 :])
+        else:
+            f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -100,3 +110,48 @@ def write_json_atomic(path: str | Path, obj: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+class ShardWriter:
+    """Cut one split's token stream into shards `DIR/{split}_NNNNNN.bin` of `shard_tokens` tokens.
+
+    Every shard holds exactly `shard_tokens` tokens except the last, which also takes the tail
+    (between `shard_tokens` and 2 * `shard_tokens` - 1 tokens; fewer only when the whole split is
+    smaller), so no shard is a sliver too short for a training window. To know which shard is the
+    last, one full shard is held in memory until more tokens arrive (peak ~2 * shard_tokens tokens).
+    """
+
+    def __init__(self, out_dir: str | Path, split: str, shard_tokens: int, dtype: np.dtype):
+        if shard_tokens < 1:
+            raise ShardError(f"--shard_tokens {shard_tokens} must be at least 1 (e.g. 50000000)")
+        self.out_dir, self.split, self.shard_tokens, self.dtype = Path(out_dir), split, shard_tokens, dtype
+        self.names: list[str] = []  # shard file names written so far
+        self.counts: list[int] = []  # their token counts
+        self._parts: list[np.ndarray] = []
+        self._buffered = 0
+
+    def add(self, tokens: np.ndarray) -> None:
+        self._parts.append(tokens)
+        self._buffered += tokens.size
+        while self._buffered >= 2 * self.shard_tokens:  # a full shard and at least one more behind it
+            flat = np.concatenate(self._parts)
+            self._write(flat[: self.shard_tokens])
+            rest = flat[self.shard_tokens :]
+            self._parts, self._buffered = [rest], rest.size
+
+    def close(self) -> list[str]:
+        """Write what is left as the last shard; return the shard file names in order."""
+        if self._buffered:
+            self._write(np.concatenate(self._parts))
+        self._parts, self._buffered = [], 0
+        return self.names
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.counts) + self._buffered
+
+    def _write(self, tokens: np.ndarray) -> None:
+        name = shard_name(self.split, len(self.names))
+        write_shard(self.out_dir / name, tokens.astype(self.dtype, copy=False))
+        self.names.append(name)
+        self.counts.append(int(tokens.size))

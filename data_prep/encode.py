@@ -1,0 +1,80 @@
+"""Parallel tokenization: documents in, one flat token array per chunk out, in order.
+
+tiktoken's Rust core releases the GIL while it encodes, so a pool of threads scales across cores
+with no process start-up and no pickling of text or tokens. Each worker encodes a chunk of
+documents with `encode_to_numpy` (the tokens come back as a numpy buffer, not a Python list of
+ints, which keeps the GIL-holding part small) and appends the end-of-text id after each document.
+Chunks are yielded in input order, so the output is byte-identical for any number of workers.
+
+Measured on the 2-core machine (20 MB of TinyStories, gpt2): 1 thread ~22-25 MB/s, 2 threads
+~33-42 MB/s; a fork pool of 2 processes with pickled results ran ~32 MB/s.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import tiktoken
+
+CHUNK_CHARS = 1 << 20  # ~1 MB of text per task: big enough to amortise the hand-off, small enough to keep order cheap
+
+
+@dataclass
+class EncodedChunk:
+    tokens: np.ndarray  # every document's tokens followed by the EOT id, in the shard dtype
+    documents: int
+    bytes: int  # UTF-8 bytes of the documents' text (no separators), for bits-per-byte
+
+
+def chunk_documents(docs: Iterable[str], chunk_chars: int = CHUNK_CHARS) -> Iterator[list[str]]:
+    """Group documents into lists of about `chunk_chars` characters (never splitting a document)."""
+    chunk: list[str] = []
+    size = 0
+    for doc in docs:
+        chunk.append(doc)
+        size += len(doc)
+        if size >= chunk_chars:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def encode_chunk(enc: tiktoken.Encoding, docs: list[str], dtype: np.dtype) -> EncodedChunk:
+    """Tokens of `docs`, each followed by EOT, with special-token text encoded as ordinary text."""
+    eot = np.array([enc.eot_token], dtype=np.uint32)
+    parts: list[np.ndarray] = []
+    nbytes = 0
+    for doc in docs:
+        try:
+            nbytes += len(doc.encode("utf-8"))
+        except UnicodeEncodeError:  # lone surrogates (e.g. from a JSON "\\ud800"): keep what can be written
+            doc = doc.encode("utf-8", errors="replace").decode("utf-8")
+            nbytes += len(doc.encode("utf-8"))
+        # Empty allowed and disallowed sets: "<|endoftext|>" inside a story is plain text, like encode_ordinary.
+        parts.append(enc.encode_to_numpy(doc, allowed_special=set(), disallowed_special=()))
+        parts.append(eot)
+    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
+    return EncodedChunk(tokens.astype(dtype), len(docs), nbytes)
+
+
+def encode_documents(enc: tiktoken.Encoding, docs: Iterable[str], dtype: np.dtype, num_proc: int,
+                     chunk_chars: int = CHUNK_CHARS) -> Iterator[EncodedChunk]:
+    """Encode `docs` on `num_proc` threads, yielding chunks in order (at most 2 * num_proc in flight)."""
+    chunks = chunk_documents(docs, chunk_chars)
+    if num_proc <= 1:
+        for chunk in chunks:
+            yield encode_chunk(enc, chunk, dtype)
+        return
+    with ThreadPoolExecutor(num_proc, thread_name_prefix="tokenize") as pool:
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append(pool.submit(encode_chunk, enc, chunk, dtype))
+            if len(pending) >= 2 * num_proc:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()

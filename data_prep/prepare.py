@@ -1,0 +1,363 @@
+"""The pipeline behind bin/prepare_data: text source -> tokenizer -> token shards + meta.json.
+
+    bin/prepare_data --builtin --tokenizer bpe:4096 --out data/builtin
+    bin/prepare_data --train train.jsonl --val valid.jsonl --tokenizer gpt2 --tokenizer_file gpt2.tiktoken --out DIR
+    bin/prepare_data --dataset roneneldan/TinyStories --tokenizer gpt2 --out data/tinystories-gpt2
+
+Steps, in an order that writes nothing until every check has passed:
+1. check the options and the source files (existence, format, at least one document);
+2. look at the output directory: a finished output of the same command -> say so and stop; a finished
+   or unfinished output of another command, or a directory we did not write -> refuse;
+3. open the sources (split off `--val_fraction` of a single source), get or train the tokenizer;
+4. write `prepare.inprogress.json` (what is being made), `tokenizer.tiktoken`, the shards of each
+   split (each to `.tmp` and renamed), and last `meta.json`, atomically; then drop the marker.
+A run that fails with an error removes what it wrote. A run that is killed leaves the marker and
+perhaps some `.tmp` files and whole shards, never `meta.json`; the next run of the same command
+clears them and starts again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from . import builtin, sources
+from .encode import encode_documents
+from .shards import DTYPES, FORMAT_VERSION, ShardWriter, write_json_atomic
+from .tokenizer import (
+    GPT2_PAT_STR,
+    TOKENIZER_FILE,
+    dump_ranks,
+    file_sha256,
+    gpt2_ranks,
+    load_ranks,
+    make_encoding,
+    parse_tokenizer_name,
+    train_bpe,
+)
+
+log = logging.getLogger("data_prep")
+
+META_FILE = "meta.json"
+MARKER_FILE = "prepare.inprogress.json"
+SPLITS = ("train", "val")
+DEFAULT_VAL_FRACTION = 0.05
+DEFAULT_SHARD_TOKENS = 50_000_000  # 100 MB per uint16 shard; the writer holds up to two in memory
+DEFAULT_BUILTIN_STORIES = 6_000  # ~3.4 MB of text: a few minutes of CPU training for the demo
+DEFAULT_BPE_TRAIN_MB = 200.0  # plenty for a 4k-32k vocabulary of simple stories; bounds the training time
+
+
+class PrepareError(ValueError):
+    """Options or an output directory that prepare_data cannot work with; the message says what to change."""
+
+
+@dataclass
+class PrepareOptions:
+    """What to prepare. Exactly one source: `dataset`, `train` (files, optional `val`), or `builtin`."""
+
+    out: str | Path
+    tokenizer: str = "gpt2"
+    tokenizer_file: str | Path | None = None
+    dataset: str | None = None
+    train: list[str] = field(default_factory=list)
+    val: list[str] = field(default_factory=list)
+    builtin: bool = False
+    builtin_stories: int = DEFAULT_BUILTIN_STORIES
+    val_fraction: float | None = None  # default DEFAULT_VAL_FRACTION when a single source must be split
+    shard_tokens: int = DEFAULT_SHARD_TOKENS
+    seed: int = 1337
+    num_proc: int | None = None  # None: every core this process may use
+    bpe_train_mb: float = DEFAULT_BPE_TRAIN_MB
+    progress: bool | None = None  # tqdm bars: None = only on a terminal
+
+
+def default_num_proc() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+# ---------------------------------------------------------------------------------------------
+# What the output is: the identity compared with an existing output
+
+
+def _identity(o: PrepareOptions) -> dict:
+    """The source and options that define the output (num_proc does not: the output is the same)."""
+    kind, _vocab = parse_tokenizer_name(o.tokenizer)
+    given = [name for name, on in (("--dataset", o.dataset), ("--train", o.train), ("--builtin", o.builtin)) if on]
+    if len(given) != 1:
+        raise PrepareError(f"give exactly one source: --dataset NAME, --train FILE... or --builtin "
+                           f"(got {', '.join(given) or 'none'})")
+    if o.val and not o.train:
+        raise PrepareError("--val FILE... goes with --train FILE...; the other sources bring their own validation")
+    if o.val and o.val_fraction is not None:
+        raise PrepareError("give --val FILE... or --val_fraction F, not both")
+    if o.dataset and o.val_fraction is not None:
+        raise PrepareError(f"--dataset {o.dataset} has its own validation split; drop --val_fraction")
+    if o.shard_tokens < 1:
+        raise PrepareError(f"--shard_tokens {o.shard_tokens} must be at least 1 (e.g. {DEFAULT_SHARD_TOKENS})")
+    if o.builtin and o.builtin_stories < 2:
+        raise PrepareError(f"--builtin_stories {o.builtin_stories} must be at least 2 (one for val)")
+    if o.bpe_train_mb <= 0:
+        raise PrepareError(f"--bpe_train_mb {o.bpe_train_mb} must be positive (e.g. {DEFAULT_BPE_TRAIN_MB})")
+    if o.num_proc is not None and o.num_proc < 1:
+        raise PrepareError(f"--num_proc {o.num_proc} must be at least 1")
+    splits_off = not o.dataset and not o.val
+    val_fraction = (DEFAULT_VAL_FRACTION if o.val_fraction is None else o.val_fraction) if splits_off else None
+    if val_fraction is not None and not 0.0 < val_fraction < 1.0:
+        raise PrepareError(f"--val_fraction {val_fraction} must be between 0 and 1 (e.g. 0.05)")
+
+    if o.dataset:
+        source = {"kind": "huggingface", "dataset": o.dataset}
+    elif o.builtin:
+        source = {"kind": "builtin", "stories": o.builtin_stories, "seed": o.seed,
+                  "generator_version": builtin.GENERATOR_VERSION}
+    else:
+        source = {"kind": "files", "train": sources.file_source(o.train, "--train").describe()["files"],
+                  "val": sources.file_source(o.val, "--val").describe()["files"] if o.val else None}
+    tok_sha = None
+    if o.tokenizer_file is not None:
+        if not Path(o.tokenizer_file).is_file():
+            raise PrepareError(f"--tokenizer_file {o.tokenizer_file}: no such file; check the path")
+        tok_sha = file_sha256(o.tokenizer_file)
+    options = {
+        "tokenizer": o.tokenizer,
+        "tokenizer_file_sha256": tok_sha,
+        "val_fraction": val_fraction,
+        "seed": o.seed if (o.builtin or val_fraction is not None) else None,  # only where it changes the output
+        "shard_tokens": o.shard_tokens,
+        "bpe_train_mb": o.bpe_train_mb if kind == "bpe" and tok_sha is None else None,
+    }
+    return json.loads(json.dumps({"source": source, "options": options}))  # JSON-normal, comparable with meta
+
+
+def _differences(old: dict, new: dict) -> str:
+    diffs = []
+    for part in ("source", "options"):
+        a, b = old.get(part, {}), new[part]
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                diffs.append(f"{part}.{key}: {json.dumps(a.get(key))} there, {json.dumps(b.get(key))} now")
+    return "; ".join(diffs)
+
+
+def _ours(path: Path) -> bool:
+    """Files prepare_data writes into an output directory."""
+    n = path.name
+    return (n in (META_FILE, MARKER_FILE, TOKENIZER_FILE) or n.endswith(".tmp")
+            or (n.endswith(".bin") and n.split("_")[0] in SPLITS))
+
+
+def _check_output(out: Path, identity: dict) -> dict | None:
+    """Return the finished meta when `out` already holds this output; raise when it holds something else."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise PrepareError(f"--out {out} is a file, not a directory; choose another --out")
+    meta_path, marker_path = out / META_FILE, out / MARKER_FILE
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except ValueError:
+            raise PrepareError(f"{meta_path} is not valid JSON; delete {out} or choose another --out") from None
+        diff = _differences(meta, identity)
+        if diff:
+            raise PrepareError(f"{out} already holds data prepared differently ({diff}); choose another --out, "
+                               f"or delete {out} to replace it")
+        return meta
+    if marker_path.is_file():
+        try:
+            diff = _differences(json.loads(marker_path.read_text()), identity)
+        except ValueError:
+            diff = "its in-progress marker is unreadable"
+        if diff:
+            raise PrepareError(f"{out} holds an unfinished preparation of other data ({diff}); delete {out} or "
+                               "choose another --out")
+        return None
+    if any(out.iterdir()):
+        raise PrepareError(f"--out {out} is not empty and was not written by prepare_data; choose an empty or "
+                           "new directory")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline
+
+
+def _open_sources(o: PrepareOptions, identity: dict) -> tuple[sources.Source, sources.Source]:
+    val_fraction = identity["options"]["val_fraction"]
+    if o.dataset:
+        return sources.hf_sources(o.dataset)
+    if o.builtin:
+        whole = sources.list_source(builtin.write_stories(o.builtin_stories, o.seed), identity["source"])
+        return sources.split_off(whole, val_fraction, o.seed)
+    train = sources.file_source(o.train, "--train")
+    if o.val:
+        return train, sources.file_source(o.val, "--val")
+    return sources.split_off(train, val_fraction, o.seed)
+
+
+def _capped(docs, max_chars: float):
+    total = 0
+    for d in docs:
+        if total >= max_chars:
+            return
+        total += len(d)
+        yield d
+
+
+def _get_ranks(o: PrepareOptions, train: sources.Source) -> dict[bytes, int]:
+    kind, vocab = parse_tokenizer_name(o.tokenizer)
+    if kind == "gpt2":
+        return gpt2_ranks(o.tokenizer_file)
+    if o.tokenizer_file is not None:  # reuse a BPE trained before (e.g. for another data set)
+        ranks = load_ranks(o.tokenizer_file)
+        if len(ranks) + 1 != vocab:
+            raise PrepareError(f"--tokenizer_file {o.tokenizer_file} has {len(ranks) + 1:,} tokens with "
+                               f"<|endoftext|>, not {vocab:,}: use --tokenizer bpe:{len(ranks) + 1}")
+        return ranks
+    t0 = time.perf_counter()
+    ranks = train_bpe(_capped(train.documents(), o.bpe_train_mb * 1e6), vocab)
+    log.info("trained %s on up to %.0f MB of training text in %.1f s", o.tokenizer, o.bpe_train_mb,
+             time.perf_counter() - t0)
+    return ranks
+
+
+def prepare(o: PrepareOptions) -> dict:
+    """Prepare `o.out` and return its meta (or the existing meta when it is already complete)."""
+    t_start = time.perf_counter()
+    out = Path(o.out)
+    identity = _identity(o)
+    existing = _check_output(out, identity)
+    if existing is not None:
+        log.info("%s is already complete for these options (%s); nothing to do", out,
+                 ", ".join(f"{s}: {existing['splits'][s]['tokens']:,} tokens" for s in SPLITS))
+        return existing
+
+    train, val = _open_sources(o, identity)
+    train.check_not_empty("the training source")
+    val.check_not_empty("the validation source")
+    ranks = _get_ranks(o, train)
+    enc = make_encoding(o.tokenizer, ranks, GPT2_PAT_STR)
+    dtype = DTYPES[2]  # parse_tokenizer_name and check_ranks keep every id below 65,536
+    num_proc = o.num_proc or default_num_proc()
+
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.iterdir():  # an interrupted run of this same command: start again from nothing
+        if stale.name != MARKER_FILE and _ours(stale):
+            stale.unlink()
+    try:
+        write_json_atomic(out / MARKER_FILE, identity)
+        dump_ranks(ranks, out / TOKENIZER_FILE)
+        splits = {}
+        for split, src in (("train", train), ("val", val)):
+            splits[split] = _write_split(out, split, src, enc, dtype, num_proc, o)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "tokenizer": {"name": o.tokenizer, "vocab_size": enc.n_vocab, "eot_id": enc.eot_token,
+                          "file": TOKENIZER_FILE, "sha256": file_sha256(out / TOKENIZER_FILE),
+                          "pat_str": GPT2_PAT_STR},
+            "dtype": dtype.name,
+            **identity,
+            "splits": splits,
+        }
+        write_json_atomic(out / META_FILE, meta)  # last: its presence marks a complete output
+        (out / MARKER_FILE).unlink()
+        log.info("done in %.1f s: %s (%s, vocab %s, eot %d)", time.perf_counter() - t_start, out, o.tokenizer,
+                 f"{enc.n_vocab:,}", enc.eot_token)
+    except BaseException:
+        for path in out.iterdir():  # leave nothing half-made behind (a SIGKILL skips this; see above)
+            if _ours(path):
+                path.unlink()
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    return meta
+
+
+def _write_split(out: Path, split: str, src: sources.Source, enc, dtype, num_proc: int,
+                 o: PrepareOptions) -> dict:
+    writer = ShardWriter(out, split, o.shard_tokens, dtype)
+    documents = nbytes = 0
+    t0 = time.perf_counter()
+    with tqdm(total=src.size_bytes, unit="B", unit_scale=True, desc=f"{split} ({num_proc} workers)",
+              disable=None if o.progress is None else not o.progress, file=sys.stderr) as bar:
+        for chunk in encode_documents(enc, src.documents(), dtype, num_proc):
+            writer.add(chunk.tokens)
+            documents += chunk.documents
+            nbytes += chunk.bytes
+            bar.update(chunk.bytes)
+    names = writer.close()
+    dt = time.perf_counter() - t0
+    log.info("%s: %s documents, %s tokens, %.1f MB of text in %d shard(s), %.1f s (%.1f MB/s)", split,
+             f"{documents:,}", f"{sum(writer.counts):,}", nbytes / 1e6, len(names), dt, nbytes / 1e6 / max(dt, 1e-9))
+    return {"tokens": sum(writer.counts), "documents": documents, "bytes": nbytes, "shards": names,
+            "shard_token_counts": writer.counts}
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bin/prepare_data", description="Tokenize stories into uint16 token shards "
+                                "(OUT/{train,val}_NNNNNN.bin), OUT/tokenizer.tiktoken and OUT/meta.json.")
+    src = p.add_argument_group("source (exactly one)")
+    src.add_argument("--dataset", help="Hugging Face dataset name, e.g. roneneldan/TinyStories (train + validation)")
+    src.add_argument("--train", nargs="+", default=[], metavar="FILE",
+                     help="local .txt (stories separated by <|endoftext|> lines), .jsonl/.json ('text'), .parquet")
+    src.add_argument("--val", nargs="+", default=[], metavar="FILE", help="validation files (with --train)")
+    src.add_argument("--builtin", action="store_true", help="stories from the built-in seeded story writer")
+    src.add_argument("--builtin_stories", type=int, default=DEFAULT_BUILTIN_STORIES,
+                     help=f"how many built-in stories (default {DEFAULT_BUILTIN_STORIES}, ~0.57 KB each)")
+    src.add_argument("--val_fraction", type=float, default=None,
+                     help=f"fraction of a single source held out for val (default {DEFAULT_VAL_FRACTION})")
+    tok = p.add_argument_group("tokenizer")
+    tok.add_argument("--tokenizer", default="gpt2", help="gpt2 or bpe:N (a byte-level BPE of vocabulary N trained "
+                     "on the training text); default gpt2")
+    tok.add_argument("--tokenizer_file", default=None, metavar="PATH",
+                     help="a .tiktoken ranks file: GPT-2's for offline use, or an earlier bpe:N to reuse")
+    tok.add_argument("--bpe_train_mb", type=float, default=DEFAULT_BPE_TRAIN_MB,
+                     help=f"train bpe:N on at most this many MB of training text (default {DEFAULT_BPE_TRAIN_MB:g})")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (new or empty)")
+    p.add_argument("--num_proc", type=int, default=None, help="tokenizer workers (default: all cores)")
+    p.add_argument("--shard_tokens", type=int, default=DEFAULT_SHARD_TOKENS,
+                   help=f"tokens per shard (default {DEFAULT_SHARD_TOKENS:,}; the last shard takes the tail)")
+    p.add_argument("--seed", type=int, default=1337, help="seed of the built-in stories and the val split")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    log.setLevel(logging.INFO)
+    opts = PrepareOptions(out=args.out, tokenizer=args.tokenizer, tokenizer_file=args.tokenizer_file,
+                          dataset=args.dataset, train=args.train, val=args.val, builtin=args.builtin,
+                          builtin_stories=args.builtin_stories, val_fraction=args.val_fraction,
+                          shard_tokens=args.shard_tokens, seed=args.seed, num_proc=args.num_proc,
+                          bpe_train_mb=args.bpe_train_mb, progress=False if args.no_progress else None)
+    try:
+        prepare(opts)
+    except ValueError as e:  # every expected failure: one line, what to change
+        print(f"prepare_data: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, permissions, ...
+        print(f"prepare_data: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

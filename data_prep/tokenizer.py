@@ -1,0 +1,240 @@
+"""Tokenizers, all run through tiktoken: GPT-2's ranks, or a byte-level BPE trained on the corpus.
+
+A tokenizer here is a tiktoken "mergeable ranks" table (token bytes -> rank, ranks dense from 0)
+plus the split pattern and one special token, `<|endoftext|>`, whose id is the number of ranks. So a
+vocabulary of N means N - 1 ranks + EOT, and every id fits the shards' uint16 when N <= 65,536.
+
+- `gpt2`: the ranks come from tiktoken (its download cache) or, offline, from `--tokenizer_file`.
+- `bpe:N`: Hugging Face `tokenizers` trains a byte-level BPE (GPT-2 split pattern, all 256 bytes in
+  the alphabet) with N - 1 tokens; its merged tokens, in the order the trainer created them, become
+  ranks 256.. after the 256 single bytes. tiktoken then encodes by those ranks (as it does for GPT-2,
+  whose ranks were converted the same way).
+
+The ranks are saved beside the shards as `tokenizer.tiktoken` (tiktoken's own file format: one
+`base64(token) rank` line per token), and `load_encoding(dir)` rebuilds the encoding from that file
+and `meta.json` alone, with no network.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import tiktoken
+
+EOT = "<|endoftext|>"
+TOKENIZER_FILE = "tokenizer.tiktoken"
+MAX_VOCAB = 65_536  # uint16 shards hold ids 0..65,535
+GPT2_RANKS = 50_256  # GPT-2 has 50,256 byte-pair ranks; <|endoftext|> is 50,256, so the vocabulary is 50,257
+# GPT-2's pre-tokenization pattern (contractions, letters, numbers, other symbols, whitespace runs),
+# as tiktoken writes it; the trained BPE uses it too.
+GPT2_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+class TokenizerError(ValueError):
+    """A tokenizer that cannot be named, loaded, trained or matched with its data directory."""
+
+
+def parse_tokenizer_name(name: str) -> tuple[str, int | None]:
+    """`"gpt2"` -> ("gpt2", None); `"bpe:4096"` -> ("bpe", 4096). Anything else is an error."""
+    if name == "gpt2":
+        return "gpt2", None
+    m = re.fullmatch(r"bpe:(\d+)", name)
+    if not m:
+        raise TokenizerError(f"--tokenizer {name!r} is not known: use 'gpt2' or 'bpe:N' (e.g. bpe:4096)")
+    vocab = int(m.group(1))
+    if vocab < 257:
+        raise TokenizerError(f"--tokenizer {name}: a byte-level BPE needs a vocabulary of at least 257 "
+                             "(256 bytes + <|endoftext|>); choose e.g. bpe:4096")
+    if vocab > MAX_VOCAB:
+        raise TokenizerError(f"--tokenizer {name}: vocabulary {vocab:,} exceeds {MAX_VOCAB:,}, the most uint16 "
+                             f"token shards hold; choose bpe:N with N <= {MAX_VOCAB}")
+    return "bpe", vocab
+
+
+# ---------------------------------------------------------------------------------------------
+# The ranks file
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_ranks(path: str | Path) -> dict[bytes, int]:
+    """Read a `.tiktoken` ranks file and check it: ranks dense from 0, all 256 single bytes present."""
+    path = Path(path)
+    if not path.is_file():
+        raise TokenizerError(f"tokenizer file {path} does not exist; pass the path of a .tiktoken ranks file")
+    ranks: dict[bytes, int] = {}
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except ValueError:
+                raise TokenizerError(f"{path} line {lineno} is not 'base64-token rank': {line[:80]!r}; "
+                                     "pass a tiktoken ranks file (e.g. gpt2.tiktoken)") from None
+    check_ranks(ranks, str(path))
+    return ranks
+
+
+def check_ranks(ranks: dict[bytes, int], where: str) -> None:
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise TokenizerError(f"{where}: ranks are not unique and dense from 0 ({len(ranks)} tokens); "
+                             "the file is corrupt or not a tiktoken ranks file")
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        raise TokenizerError(f"{where}: {len(missing)} single bytes have no rank (e.g. {missing[0]}), so some "
+                             "text could not be encoded; use a byte-level ranks file")
+    if len(ranks) + 1 > MAX_VOCAB:
+        raise TokenizerError(f"{where}: {len(ranks):,} ranks + <|endoftext|> exceed {MAX_VOCAB:,}, the most "
+                             "uint16 token shards hold; use a smaller vocabulary")
+
+
+def dump_ranks(ranks: dict[bytes, int], path: str | Path) -> None:
+    """Write ranks in tiktoken's file format, sorted by rank, atomically (temporary name, rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+            f.write(base64.b64encode(token) + b" " + str(rank).encode() + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building encodings
+
+
+def make_encoding(name: str, ranks: dict[bytes, int], pat_str: str = GPT2_PAT_STR) -> tiktoken.Encoding:
+    """A tiktoken encoding over `ranks` with `<|endoftext|>` = len(ranks) as its only special token."""
+    return tiktoken.Encoding(name=name, pat_str=pat_str, mergeable_ranks=ranks,
+                             special_tokens={EOT: len(ranks)}, explicit_n_vocab=len(ranks) + 1)
+
+
+def gpt2_ranks(tokenizer_file: str | Path | None = None) -> dict[bytes, int]:
+    """GPT-2's ranks from `tokenizer_file` (offline) or through tiktoken's own download/cache."""
+    if tokenizer_file is not None:
+        ranks = load_ranks(tokenizer_file)
+        where = str(tokenizer_file)
+    else:
+        try:
+            ranks = dict(tiktoken.get_encoding("gpt2")._mergeable_ranks)
+        except Exception as e:  # network, cache or plugin failure: tell the user the offline way
+            raise TokenizerError(f"tiktoken could not load the gpt2 ranks ({type(e).__name__}: {e}); offline, "
+                                 "pass --tokenizer_file PATH to a gpt2.tiktoken ranks file") from None
+        where = "tiktoken's gpt2"
+    if len(ranks) != GPT2_RANKS:
+        raise TokenizerError(f"{where} has {len(ranks):,} ranks, but GPT-2 has {GPT2_RANKS:,}: it is not the "
+                             "GPT-2 ranks file; pass gpt2.tiktoken, or use --tokenizer bpe:N")
+    return ranks
+
+
+def _byte_level_chars() -> dict[str, int]:
+    """The byte-level BPE alphabet: the printable character each byte is written as -> that byte.
+
+    Bytes that print as themselves (visible Latin-1 characters) keep their code point; the other 68
+    (controls, space, soft hyphen, ...) are given the code points 256, 257, ... in byte order.
+    """
+    visible = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    chars: dict[str, int] = {chr(b): b for b in visible}
+    extra = 256
+    for b in range(256):
+        if b not in visible:
+            chars[chr(extra)] = b
+            extra += 1
+    return chars
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> dict[bytes, int]:
+    """Train a byte-level BPE with Hugging Face `tokenizers` and return tiktoken ranks (vocab_size - 1).
+
+    `texts` are the training documents (batches of strings are fed to the Rust trainer). The result
+    is deterministic for the same texts. Raises TokenizerError when the text supports too few merges.
+    """
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+
+    n_ranks = vocab_size - 1  # the last id is <|endoftext|>
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(GPT2_PAT_STR), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    trainer = trainers.BpeTrainer(vocab_size=n_ranks, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=[], show_progress=False)
+
+    def batches(size: int = 1000):
+        batch: list[str] = []
+        for text in texts:
+            batch.append(text)
+            if len(batch) == size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    tok.train_from_iterator(batches(), trainer)
+    vocab = tok.get_vocab()  # token string (bytes as printable characters) -> id
+    if len(vocab) != n_ranks:
+        raise TokenizerError(f"bpe:{vocab_size}: the training text supports only {len(vocab) + 1:,} tokens "
+                             f"({len(vocab) - 256:,} merges); give more text or choose a smaller bpe:N")
+    chars = _byte_level_chars()
+    ranks = {bytes([b]): b for b in range(256)}  # single bytes first, in byte order
+    for text, _id in sorted(vocab.items(), key=lambda kv: kv[1]):  # merges in the order they were learnt
+        token = bytes(chars[c] for c in text)
+        if len(token) > 1:
+            ranks[token] = len(ranks)
+    if len(ranks) != n_ranks:
+        raise TokenizerError(f"bpe:{vocab_size}: the trained vocabulary does not map onto bytes one to one "
+                             f"({len(ranks)} ranks for {n_ranks} tokens); this is a bug, please report it")
+    check_ranks(ranks, f"bpe:{vocab_size}")
+    return ranks
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a data (or run) directory back
+
+
+def load_encoding(data_dir: str | Path) -> tiktoken.Encoding:
+    """The tiktoken encoding of a prepared data directory, from its meta.json and tokenizer.tiktoken.
+
+    Works on any directory holding those two files (the trainer copies them into its run directory).
+    Checks the file's sha256 and size against meta.json, so a directory whose tokenizer does not
+    belong to its shards is refused. No network.
+    """
+    data_dir = Path(data_dir)
+    meta_path = data_dir / "meta.json"
+    if not meta_path.is_file():
+        raise TokenizerError(f"{data_dir} has no meta.json: prepare it with bin/prepare_data --out {data_dir} "
+                             "(or point to a run directory the trainer wrote)")
+    try:
+        info = json.loads(meta_path.read_text())["tokenizer"]
+        name, vocab, eot, file, sha, pat = (info[k] for k in ("name", "vocab_size", "eot_id", "file", "sha256",
+                                                                 "pat_str"))
+    except (ValueError, KeyError, TypeError) as e:
+        raise TokenizerError(f"{meta_path} is not a prepare_data meta.json ({type(e).__name__}: {e}); "
+                             "prepare the data again") from None
+    path = data_dir / file
+    if not path.is_file():
+        raise TokenizerError(f"{path} is missing; meta.json names it as the tokenizer of {data_dir}: copy it "
+                             "back or prepare the data again")
+    if file_sha256(path) != sha:
+        raise TokenizerError(f"{path} does not match {meta_path} (sha256 differs): the tokenizer file belongs "
+                             "to other data; restore the right file or prepare the data again")
+    ranks = load_ranks(path)
+    if len(ranks) + 1 != vocab or eot != len(ranks):
+        raise TokenizerError(f"{path} has {len(ranks):,} ranks, but {meta_path} says vocab_size {vocab:,} and "
+                             f"eot_id {eot:,}; prepare the data again")
+    return make_encoding(name, ranks, pat)

@@ -1,0 +1,229 @@
+"""Reading prepared token shards: memory-mapped once, checked against meta.json, cut into batches.
+
+A split (`train` or `val`) is the shards listed in meta.json, each mapped read-only with np.memmap
+when `TokenData` is made and never reopened. A batch is B windows of `block_size + 1` tokens:
+x = window[:-1], y = window[1:]. Windows start every `block_size` tokens inside a shard, so
+neighbours share one token (the last target of one window is the first input of the next) and every
+token of a shard except its first is a target exactly once per epoch. Windows never cross a shard
+boundary (the writer keeps every shard at least `--shard_tokens` long, so little is lost).
+
+Training order (`RandomBatches`): epoch e shuffles all windows with numpy's generator seeded by
+(seed, e); rank r of a world of W takes the r-th of W equal consecutive slices of that order, and
+its n-th batch of the epoch is the n-th B windows of its slice. So the batch at stream position p is
+a pure function of (seed, p, rank, world_size), ranks never share a window within an epoch, and
+together they cover the epoch's windows (all but fewer than W * B of them). Resuming only needs p.
+
+Validation (`val_batches`) walks the windows in order: global batch k is windows kB..kB+B-1, and
+rank r takes batches r, r + W, r + 2W, ... (the same number on every rank).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_prep.shards import FORMAT_VERSION, ShardError, open_shard, token_dtype
+
+SPLITS = ("train", "val")
+
+
+class DataError(ValueError):
+    """A data directory, split or batch shape that cannot be read or served; the message says what to change."""
+
+
+def load_meta(data_dir: str | Path) -> dict:
+    """meta.json of a prepared data directory (present only when preparation finished)."""
+    data_dir = Path(data_dir)
+    path = data_dir / "meta.json"
+    if not path.is_file():
+        if not data_dir.is_dir():
+            raise DataError(f"data directory {data_dir} does not exist; create it with bin/prepare_data --out "
+                            f"{data_dir} (e.g. --builtin --tokenizer bpe:4096)")
+        raise DataError(f"{data_dir} has no meta.json: it is not prepared, or its preparation did not finish; "
+                        f"run bin/prepare_data --out {data_dir} ...")
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as e:
+        raise DataError(f"{path} is not valid JSON ({e}); run bin/prepare_data again for {data_dir}") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise DataError(f"{path} has format_version {meta.get('format_version')}; this StoryLlama reads "
+                        f"{FORMAT_VERSION}: prepare the data again")
+    for key in ("tokenizer", "splits"):
+        if key not in meta:
+            raise DataError(f"{path} has no {key!r} entry; prepare the data again")
+    return meta
+
+
+def bytes_per_token(meta: dict, split: str = "val") -> float:
+    """UTF-8 bytes of text per token in `split` (EOT tokens included): bits/byte = loss / ln 2 / this."""
+    info = meta["splits"][split]
+    if not info["tokens"]:
+        raise DataError(f"the {split} split has no tokens; prepare the data again with more text")
+    return info["bytes"] / info["tokens"]
+
+
+class TokenData:
+    """One split of a prepared data directory, every shard mapped once and checked against meta.json.
+
+    `block_size`, when given, is checked now: every shard must hold one window (block_size + 1 tokens).
+    Attributes: `meta`, `split`, `shards` (np.memmap each), `shard_files`, `num_tokens`, `vocab_size`, `eot_id`.
+    """
+
+    def __init__(self, data_dir: str | Path, split: str = "train", block_size: int | None = None):
+        self.data_dir = Path(data_dir)
+        self.split = split
+        self.meta = load_meta(self.data_dir)
+        tok = self.meta["tokenizer"]
+        self.vocab_size: int = int(tok["vocab_size"])
+        self.eot_id: int = int(tok["eot_id"])
+        info = self.meta["splits"].get(split)
+        if info is None:
+            raise DataError(f"{self.data_dir / 'meta.json'} has no {split!r} split (it has "
+                            f"{', '.join(self.meta['splits'])}); use one of those")
+        expected = token_dtype(self.vocab_size)
+        counts = info.get("shard_token_counts")
+        self.shard_files = [self.data_dir / name for name in info["shards"]]
+        self.shards: list[np.memmap] = []
+        for i, path in enumerate(self.shard_files):
+            try:
+                mm = open_shard(path)
+            except ShardError as e:
+                raise DataError(str(e)) from None
+            if mm.dtype != expected:
+                raise DataError(f"{path} holds {mm.dtype} tokens, but the vocabulary of {self.vocab_size:,} in "
+                                f"meta.json needs {expected}; prepare the data again")
+            if counts is not None and mm.size != counts[i]:
+                raise DataError(f"{path} holds {mm.size:,} tokens, but meta.json says {counts[i]:,}: the shard "
+                                "does not belong to this meta.json; prepare the data again")
+            self.shards.append(mm)
+        self.num_tokens = sum(int(mm.size) for mm in self.shards)
+        if self.num_tokens != info["tokens"]:
+            raise DataError(f"the {split} shards of {self.data_dir} hold {self.num_tokens:,} tokens, but meta.json "
+                            f"says {info['tokens']:,}; prepare the data again")
+        if self.num_tokens == 0:
+            raise DataError(f"the {split} split of {self.data_dir} has no tokens; prepare it with a source that "
+                            f"has {split} documents")
+        if block_size is not None:
+            self.check_block_size(block_size)
+
+    def check_block_size(self, block_size: int) -> None:
+        """Every shard must hold at least one window of block_size + 1 tokens."""
+        if block_size < 1:
+            raise DataError(f"block_size {block_size} must be at least 1")
+        for path, mm in zip(self.shard_files, self.shards, strict=True):
+            if mm.size < block_size + 1:
+                raise DataError(f"{path} holds {mm.size:,} tokens, fewer than one window of block_size + 1 = "
+                                f"{block_size + 1:,}; use a smaller block_size, or prepare the data again with more "
+                                "text or a larger --shard_tokens")
+
+    def windows_per_shard(self, block_size: int) -> np.ndarray:
+        """How many windows (stride block_size, length block_size + 1) each shard holds."""
+        self.check_block_size(block_size)
+        return np.array([(mm.size - 1) // block_size for mm in self.shards], dtype=np.int64)
+
+    def gather(self, window_ids: np.ndarray, block_size: int, cum_windows: np.ndarray) -> np.ndarray:
+        """Windows by global index (shard-major order) -> int64 array (len(window_ids), block_size + 1)."""
+        shard_of = np.searchsorted(cum_windows, window_ids, side="right") - 1
+        starts = (window_ids - cum_windows[shard_of]) * block_size
+        out = np.empty((len(window_ids), block_size + 1), dtype=np.int64)
+        offsets = np.arange(block_size + 1, dtype=np.int64)
+        for s in np.unique(shard_of):
+            rows = np.nonzero(shard_of == s)[0]
+            out[rows] = self.shards[s][starts[rows, None] + offsets]  # one fancy-index read per shard
+        return out
+
+
+def _to_xy(windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    t = torch.from_numpy(windows)  # (B, T + 1) int64
+    return t[:, :-1].contiguous(), t[:, 1:].contiguous()  # (B, T), (B, T)
+
+
+class RandomBatches:
+    """Shuffled training batches; batch n is a pure function of (seed, n, rank, world_size)."""
+
+    def __init__(self, data: TokenData, batch_size: int, block_size: int, seed: int, rank: int = 0,
+                 world_size: int = 1):
+        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+            raise DataError(f"need batch_size >= 1 and 0 <= rank < world_size (got batch_size {batch_size}, "
+                            f"rank {rank}, world_size {world_size})")
+        self.data, self.batch_size, self.block_size = data, batch_size, block_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        per_shard = data.windows_per_shard(block_size)
+        self.cum_windows = np.concatenate([[0], np.cumsum(per_shard)])
+        self.num_windows = int(self.cum_windows[-1])
+        self.windows_per_rank = self.num_windows // world_size
+        self.batches_per_epoch = self.windows_per_rank // batch_size
+        if self.batches_per_epoch == 0:
+            raise DataError(f"the {data.split} split of {data.data_dir} has {data.num_tokens:,} tokens = "
+                            f"{self.num_windows:,} windows of block_size + 1 = {block_size + 1}, fewer than "
+                            f"batch_size {batch_size} x world_size {world_size} = {batch_size * world_size:,}; "
+                            "use a smaller batch_size or block_size, or more data")
+        self.position = 0  # batches taken so far: the only state
+        self._epoch: int | None = None
+        self._order: np.ndarray | None = None
+
+    @property
+    def epoch(self) -> int:
+        return self.position // self.batches_per_epoch
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
+            mine = order[self.rank * self.windows_per_rank : (self.rank + 1) * self.windows_per_rank]
+            self._epoch, self._order = epoch, mine
+        return self._order
+
+    def window_ids(self, position: int) -> np.ndarray:
+        """Global window indices of the batch at stream `position` (for tests and debugging)."""
+        epoch, k = divmod(position, self.batches_per_epoch)
+        return self._epoch_order(epoch)[k * self.batch_size : (k + 1) * self.batch_size]
+
+    def batch_at(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y), int64 CPU tensors of shape (B, T), of the batch at stream `position`."""
+        return _to_xy(self.data.gather(self.window_ids(position), self.block_size, self.cum_windows))
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.batch_at(self.position)
+        self.position += 1
+        return batch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self) -> dict:
+        return {"position": self.position, "seed": self.seed, "batch_size": self.batch_size,
+                "block_size": self.block_size, "world_size": self.world_size, "rank": self.rank,
+                "num_windows": self.num_windows, "split": self.data.split}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue the stream saved in `state`; refuse one made with another seed, shape or data."""
+        for key in ("seed", "batch_size", "block_size", "world_size", "num_windows"):
+            if key in state and state[key] != getattr(self, key):
+                raise DataError(f"the saved data position has {key} {state[key]}, but this run has "
+                                f"{getattr(self, key)}; resume with the same {key} (and the same data), or start "
+                                "a new run")
+        self.position = int(state["position"])
+
+
+def val_batches(data: TokenData, batch_size: int, block_size: int, rank: int = 0, world_size: int = 1,
+                max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Deterministic pass over the split's windows in order; ranks take disjoint, equally many batches."""
+    per_shard = data.windows_per_shard(block_size)
+    cum = np.concatenate([[0], np.cumsum(per_shard)])
+    total_batches = int(cum[-1]) // batch_size
+    per_rank = total_batches // world_size
+    if per_rank == 0:
+        raise DataError(f"the {data.split} split of {data.data_dir} has {int(cum[-1]):,} windows of block_size + 1 = "
+                        f"{block_size + 1}, fewer than batch_size {batch_size} x world_size {world_size}; use a "
+                        "smaller batch_size, or prepare more validation data")
+    if max_batches is not None:
+        per_rank = min(per_rank, max_batches)
+    for i in range(per_rank):
+        k = rank + i * world_size
+        ids = np.arange(k * batch_size, (k + 1) * batch_size, dtype=np.int64)
+        yield _to_xy(data.gather(ids, block_size, cum))
