@@ -1,0 +1,249 @@
+"""The sampler: the KV cache gives the tokens of recomputing the whole sequence, batches of different
+prompt lengths give each prompt's own tokens, the sampling controls do what they say, and bin/sample
+runs end to end on a saved checkpoint."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_checkpoint import EOT_ID, N_VOCAB, save_checkpoint, tiny_model
+
+from storyllama.config import SampleConfig
+from storyllama.sample import (
+    TextStream,
+    apply_repetition_penalty,
+    generate,
+    generate_recompute,
+    main,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+GREEDY = SampleConfig(max_new_tokens=24, temperature=0.0)
+PROMPTS = [[72, 101, 108, 108, 111], [7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [200, 13, 200, 13]]
+
+
+@torch.no_grad()
+def greedy_by_recompute(model, prompt: list[int], n: int) -> list[int]:
+    """The plainest reference: the whole sequence through the model, argmax over the tokenizer's ids."""
+    seq = torch.tensor([prompt])
+    for _ in range(n):
+        logits = model(seq)[0, -1, :N_VOCAB]
+        seq = torch.cat([seq, logits.argmax().view(1, 1)], dim=1)
+    return seq[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_with_cache_equals_recompute(model, prompt):
+    got = generate(model, [prompt], GREEDY, None, N_VOCAB)[0]
+    assert got == greedy_by_recompute(model, prompt, GREEDY.max_new_tokens)
+    assert len(set(got)) > 3  # the test model does not just repeat one token
+
+
+def test_batch_of_different_lengths_equals_each_prompt_alone(model):
+    batch = generate(model, PROMPTS, GREEDY, None, N_VOCAB)
+    for prompt, row in zip(PROMPTS, batch):
+        assert row == generate(model, [prompt], GREEDY, None, N_VOCAB)[0]
+        assert row == greedy_by_recompute(model, prompt, GREEDY.max_new_tokens)
+
+
+def test_prefill_logits_of_padded_rows_match_unpadded(model):
+    """Left padding changes nothing numerically beyond float rounding (positions and masks per row)."""
+    from storyllama.sample import _left_pad, prefill
+
+    idx, pad = _left_pad(PROMPTS, torch.device("cpu"))
+    model.setup_caches(len(PROMPTS), idx.shape[1] + 1)
+    try:
+        with torch.no_grad():
+            logits = prefill(model, idx, pad, N_VOCAB)
+    finally:
+        model.clear_caches()
+    for i, p in enumerate(PROMPTS):
+        with torch.no_grad():
+            expected = model(torch.tensor([p]))[0, -1, :N_VOCAB]
+        torch.testing.assert_close(logits[i], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fixed_seed_reproduces_and_matches_recompute(model):
+    cfg = SampleConfig(max_new_tokens=20, temperature=1.0, top_k=40, top_p=0.95, repetition_penalty=1.2, seed=123)
+    a = generate(model, [PROMPTS[0]], cfg, None, N_VOCAB)
+    assert a == generate(model, [PROMPTS[0]], cfg, None, N_VOCAB)
+    assert a != generate(model, [PROMPTS[0]], replace(cfg, seed=124), None, N_VOCAB)
+    assert a != generate(model, [PROMPTS[0]], GREEDY, None, N_VOCAB)[:20]
+    # the cache-free reference draws the same random numbers, so it samples the same story
+    assert a == generate_recompute(model, [PROMPTS[0]], cfg, None, N_VOCAB)
+
+
+@pytest.mark.parametrize("filt", [dict(top_k=1), dict(top_p=1e-6)])
+def test_top_k_1_and_tiny_top_p_equal_greedy(model, filt):
+    cfg = SampleConfig(max_new_tokens=20, temperature=1.5, seed=0, **filt)
+    batch = PROMPTS[:3]
+    assert generate(model, batch, cfg, None, N_VOCAB) == generate(model, batch, replace(GREEDY, max_new_tokens=20),
+                                                                  None, N_VOCAB)
+
+
+def test_repetition_penalty_formula_on_hand_made_logits():
+    logits = torch.tensor([[2.0, -1.0, 0.5, -3.0, 0.0], [4.0, -2.0, 1.0, 1.0, -0.5]])
+    presence = torch.tensor([[True, True, False, False, True], [False, True, True, False, True]])
+    expected = torch.tensor([[1.0, -2.0, 0.5, -3.0, 0.0], [4.0, -4.0, 0.5, 1.0, -1.0]])
+    torch.testing.assert_close(apply_repetition_penalty(logits, presence, 2.0), expected)
+
+
+def test_repetition_penalty_matches_transformers():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (3, 12))
+    logits = torch.randn(3, 50)
+    presence = torch.zeros(3, 50, dtype=torch.bool).scatter_(1, ids, True)
+    expected = transformers.RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone())
+    torch.testing.assert_close(apply_repetition_penalty(logits, presence, 1.3), expected)
+
+
+def test_repetition_penalty_discourages_repeats(model):
+    base = generate(model, PROMPTS[:2], replace(GREEDY, max_new_tokens=40), None, N_VOCAB)
+    penalized = generate(model, PROMPTS[:2], replace(GREEDY, max_new_tokens=40, repetition_penalty=5.0), None,
+                         N_VOCAB)
+    for b, p, prompt in zip(base, penalized, PROMPTS):
+        assert len(set(p + prompt)) > len(set(b + prompt))
+
+
+def test_each_row_stops_at_its_first_eot(model):
+    rows = generate(model, PROMPTS[:2], GREEDY, None, N_VOCAB)
+    # An "EOT" id that row 0 produces early and row 1 later or never, so the rows stop apart.
+    first = {t: r.index(t) for r in rows[:1] for t in r}
+    eot = next(t for t, i in sorted(first.items(), key=lambda kv: kv[1])
+               if t not in rows[1][:i + 3])
+    stopped = generate(model, PROMPTS[:2], GREEDY, eot, N_VOCAB)
+    for full, cut in zip(rows, stopped):
+        assert cut == (full[:full.index(eot)] if eot in full else full)
+    assert len(stopped[0]) < len(stopped[1])
+
+
+def test_generation_ends_when_every_row_is_done(model):
+    row = generate(model, [PROMPTS[0]], GREEDY, None, N_VOCAB)[0]
+    i = next(i for i in range(1, len(row)) if row[i] not in row[:i])  # an id first produced at step i
+    stats: dict = {}
+    out = generate(model, [PROMPTS[0]], replace(GREEDY, max_new_tokens=50), row[i], N_VOCAB, stats=stats)
+    assert out == [row[:i]]
+    assert stats["new_tokens"] <= i + 1 + 8  # the done mask is read every few steps, not at the end
+
+
+def test_padded_vocab_ids_are_never_sampled():
+    model = tiny_model()
+    with torch.no_grad():
+        pad_rows = model.output.weight[N_VOCAB:]  # (63, dim): logits 10 * h_j, far above the real ids' logits
+        pad_rows.copy_(10.0 * torch.eye(pad_rows.shape[0], pad_rows.shape[1]))
+        assert model(torch.tensor([PROMPTS[0]]))[0, -1].argmax() >= N_VOCAB
+    for cfg in (GREEDY, SampleConfig(max_new_tokens=24, temperature=1.0, seed=0)):
+        for row in generate(model, PROMPTS, cfg, None, N_VOCAB):
+            assert max(row) < N_VOCAB
+
+
+def test_prompt_longer_than_context_is_a_clear_error(model):
+    with pytest.raises(ValueError, match=r"50 tokens \+ 20 new tokens = 70 tokens exceeds the model's context of "
+                                         r"64 tokens; set --max_new_tokens to at most 14"):
+        generate(model, [[1] * 50], replace(GREEDY, max_new_tokens=20), None, N_VOCAB)
+    with pytest.raises(ValueError, match="shorten the prompt"):
+        generate(model, [[1] * 70], replace(GREEDY, max_new_tokens=1), None, N_VOCAB)
+
+
+def test_compiled_decode_step_gives_the_eager_tokens(model):
+    cfg = SampleConfig(max_new_tokens=12, temperature=0.8, top_k=50, top_p=0.9, repetition_penalty=1.1, seed=5)
+    eager = generate(model, PROMPTS, cfg, None, N_VOCAB)
+    assert generate(model, PROMPTS, replace(cfg, compile=True), None, N_VOCAB) == eager
+
+
+def test_bfloat16_weights_keep_fp32_rope_and_sample_valid_tokens(saved):
+    from storyllama.sample import load_for_sampling
+
+    model, enc, _ = load_for_sampling(str(saved[1]), torch.device("cpu"), torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert model.rope_cos.dtype == torch.float32  # model.to(bfloat16) would have rounded the RoPE tables
+    out = generate(model, PROMPTS, GREEDY, None, enc.n_vocab)
+    assert all(len(r) == GREEDY.max_new_tokens and max(r) < N_VOCAB for r in out)
+
+
+def test_stream_prints_only_complete_utf8():
+    written: list[str] = []
+    stream = TextStream(lambda t: bytes([t]), written.append)
+    for b in "é, ok ☃".encode():
+        stream.feed(b)
+    stream.close()
+    assert "".join(written) == "é, ok ☃"
+    assert all("\ufffd" not in w for w in written)  # never half a character
+    assert written[0] == "é"
+
+
+# -- the command line ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt"), tiny_model())
+
+
+def test_bin_sample_streams_a_story(saved):
+    run, _ = saved
+    res = subprocess.run([sys.executable, str(REPO / "bin" / "sample"), "--run", str(run), "--prompt",
+                          "Once upon a time", "--max_length", "30", "--temperature", "0.8", "--seed", "1"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("Once upon a time") and len(res.stdout) > len("Once upon a time")
+    assert "tokens/s" in res.stderr
+
+
+def test_sample_main_batches_prompts_and_samples(saved, capsys):
+    _, ckpt = saved
+    argv = ["--checkpoint", str(ckpt), "--prompt", "Once", "A cat sat", "--max_new_tokens", "10",
+            "--num_samples", "2", "--temperature", "0.7", "--top_k", "20", "--seed", "3"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    for header in ("prompt 1, sample 1", "prompt 1, sample 2", "prompt 2, sample 1", "prompt 2, sample 2"):
+        assert header in out
+    assert main(argv) == 0
+    assert capsys.readouterr().out == out  # --seed reproduces
+    assert main([*argv[:-1], "4"]) == 0
+    assert capsys.readouterr().out != out
+
+
+def test_sample_main_greedy_matches_generate(saved, capsys):
+    """The CLI prints the prompt followed by the tokens generate() gives for the encoded prompt."""
+    from data_prep.tokenizer import load_encoding
+    from storyllama.checkpoint import load_model
+
+    _, ckpt = saved
+    assert main(["--checkpoint", str(ckpt), "--prompt", "Hi", "--max_new_tokens", "12", "--temperature", "0"]) == 0
+    model, _ = load_model(ckpt)
+    enc = load_encoding(ckpt)
+    ids = generate(model, [enc.encode("Hi")], replace(GREEDY, max_new_tokens=12), EOT_ID, N_VOCAB)[0]
+    assert capsys.readouterr().out == "Hi" + enc.decode(ids) + "\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--checkpoint", "{tmp}/nowhere"], "no complete checkpoint"),
+    (["--run", "{tmp}/partial"], "incomplete: model_config.json is missing"),
+    (["--checkpoint", "{ckpt}", "--top_p", "2"], "--top_p must be in (0, 1]"),
+    (["--checkpoint", "{ckpt}", "--dtype", "float16"], "--dtype must be one of float32, bfloat16"),
+    (["--checkpoint", "{ckpt}", "--max_length", "100"], "exceeds the model's context of 64 tokens"),
+    (["--checkpoint", "{ckpt}", "--run", "{tmp}"], "not allowed with argument"),
+    (["--prompt", "x"], "one of the arguments --run --checkpoint is required"),
+])
+def test_sample_errors_are_one_line_exit_2(saved, tmp_path, capsys, args, message):
+    _, ckpt = saved
+    (tmp_path / "partial").mkdir()
+    (tmp_path / "partial" / "model.safetensors").write_bytes(b"")
+    argv = [a.format(tmp=tmp_path, ckpt=ckpt) for a in args]
+    try:
+        rc = main(argv, prog="bin/sample")
+    except SystemExit as e:  # argparse's own errors
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert message in err and err.count("\n") == 1 and err.startswith("bin/sample: error:"), err
