@@ -30,8 +30,9 @@ class EncodedChunk:
     bytes: int  # UTF-8 bytes of the documents' text (no separators), for bits-per-byte
 
 
-def chunk_documents(docs: Iterable[str], chunk_chars: int = CHUNK_CHARS) -> Iterator[list[str]]:
-    """Group documents into lists of about `chunk_chars` characters (never splitting a document)."""
+def chunk_documents(docs: Iterable[str], chunk_chars: int | None = None) -> Iterator[list[str]]:
+    """Group documents into lists of about `chunk_chars` (default CHUNK_CHARS) characters, whole documents."""
+    chunk_chars = chunk_chars or CHUNK_CHARS
     chunk: list[str] = []
     size = 0
     for doc in docs:
@@ -63,7 +64,7 @@ def encode_chunk(enc: tiktoken.Encoding, docs: list[str], dtype: np.dtype) -> En
 
 
 def encode_documents(enc: tiktoken.Encoding, docs: Iterable[str], dtype: np.dtype, num_proc: int,
-                     chunk_chars: int = CHUNK_CHARS) -> Iterator[EncodedChunk]:
+                     chunk_chars: int | None = None) -> Iterator[EncodedChunk]:
     """Encode `docs` on `num_proc` threads, yielding chunks in order (at most 2 * num_proc in flight)."""
     chunks = chunk_documents(docs, chunk_chars)
     if num_proc <= 1:

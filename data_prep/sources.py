@@ -64,7 +64,7 @@ def _clean(texts) -> Iterator[str]:
 
 def _read_txt(path: Path) -> Iterator[str]:
     lines: list[str] = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", newline="") as f:  # keep "\r\n" inside stories as written
         for line in f:
             if line.rstrip() == EOT_LINE:
                 yield "".join(lines)
