@@ -110,13 +110,13 @@ def build_model_config(args: argparse.Namespace, vocab_from_data: int) -> ModelC
 
 # -- evaluation, samples, plots ------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data: TokenData, cfg: TrainConfig, block_size: int, device: torch.device,
-             amp: torch.dtype, d: Dist) -> float:
+def evaluate(model: torch.nn.Module, data: TokenData, cfg: TrainConfig, batch_size: int, block_size: int,
+             device: torch.device, amp: torch.dtype, d: Dist) -> float:
     """Mean validation loss over the first eval_iters batches of each rank, averaged over ranks."""
     model.eval()
     total = torch.zeros(2, device=device, dtype=torch.float64)  # (sum of losses, batches)
     max_batches = cfg.eval_iters or None
-    for x, y in val_batches(data, cfg.batch_size, block_size, d.rank, d.world_size, max_batches):
+    for x, y in val_batches(data, batch_size, block_size, d.rank, d.world_size, max_batches):
         with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
             loss = model(x.to(device), y.to(device))
         total[0] += loss.double()
@@ -246,6 +246,14 @@ def _train(cfg: TrainConfig, args: argparse.Namespace, d: Dist, device: torch.de
     if cfg.epochs is not None:
         cfg = replace(cfg, total_iters=max(1, math.ceil(cfg.epochs * train_data.num_tokens / tokens_per_step)))
     batches = RandomBatches(train_data, cfg.batch_size, T, cfg.seed, d.rank, d.world_size)
+    # Validation batches may be smaller than training ones when the split is small; none at all is an error
+    # found now, not at the first evaluation.
+    val_windows = int(val_data.windows_per_shard(T).sum())
+    val_batch = min(cfg.batch_size, val_windows // d.world_size)
+    if val_batch == 0:
+        raise ValueError(f"the val split of {data_dir} has {val_data.num_tokens:,} tokens: {val_windows} windows of "
+                         f"block_size + 1 = {T + 1} tokens, fewer than one per process ({d.world_size}); prepare "
+                         "more validation text (--val or --val_fraction) or lower --block_size")
     amp = autocast_dtype(cfg, device)
     backend = resolve_backend(cfg.kernels, device)
     compile_ = cfg.compile if cfg.compile is not None else device.type == "cuda"
@@ -318,7 +326,7 @@ def _train(cfg: TrainConfig, args: argparse.Namespace, d: Dist, device: torch.de
 
     def do_eval() -> float:
         nonlocal best_val
-        val = evaluate(model, val_data, cfg, T, device, amp, d)
+        val = evaluate(model, val_data, cfg, val_batch, T, device, amp, d)
         is_best = val < best_val
         best_val = min(best_val, val)
         if d.master:

