@@ -26,6 +26,9 @@ from kernels._triton_utils import next_pow2, tl, triton, use_triton, warps_for
 
 # Vocabulary block per loop step: 4k fp32 values in flight per program (16 per thread at 8 warps).
 MAX_BLOCK_V = 4096
+# Elements per program tile: small vocabularies take several rows per program (BLOCK_N > 1); at the
+# 50k GPT-2 vocabulary a program owns one row and walks it in 4k blocks.
+TILE = 4096
 
 
 @triton.jit
@@ -34,37 +37,43 @@ def _ce_loss_grad_kernel(
     TARGETS,  # (n,) class ids; ignore_index rows add no loss and get a zero gradient row
     LOSS,  # (n,) fp32 out: logsumexp(z) - z[target], 0 for ignored rows
     SCALE,  # () fp32: factor on every gradient (1 / non-ignored count for "mean", 1 for "sum")
+    n,
     V,
     stride_row,
     ignore_index,
     WRITE_GRAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     # Loss: l = lse - z_t with lse = log(sum_j exp(z_j)), computed online in one pass over V blocks
-    # (running max m and running sum d rescaled when m grows), all in fp32.
+    # (running max m and running sum d, rescaled by exp(m_old - m_new) when the max grows), all in fp32.
     # Gradient: dl/dz_j = exp(z_j - lse) - [j == t] = softmax_j - onehot_j, times SCALE; a second pass.
-    row = tl.program_id(0).to(tl.int64)
-    ptr = LOGITS + row * stride_row
-    target = tl.load(TARGETS + row)
-    valid = target != ignore_index
-    m = float("-inf")
-    d = 0.0
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # (BLOCK_N,)
+    rmask = rows < n
+    # Padding rows (rows >= n) re-read the last real row, so every value stays finite; stores are masked.
+    row_ptr = LOGITS + tl.minimum(rows, n - 1)[:, None] * stride_row  # (BLOCK_N, 1)
+    target = tl.load(TARGETS + rows, mask=rmask, other=ignore_index)
+    valid = (target != ignore_index) & rmask
+    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    d = tl.zeros((BLOCK_N,), tl.float32)
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        z = tl.load(ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(z, axis=0))  # finite: every block holds at least one real column
-        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        z = tl.load(row_ptr + cols[None, :], mask=(cols < V)[None, :], other=float("-inf"))
+        z = z.to(tl.float32)  # (BLOCK_N, BLOCK_V)
+        m_new = tl.maximum(m, tl.max(z, axis=1))  # finite: every block holds at least one real column
+        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
         m = m_new
-    lse = m + tl.log(d)
-    z_target = tl.load(ptr + tl.where(valid, target, 0)).to(tl.float32)  # read before pass 2 overwrites it
-    tl.store(LOSS + row, tl.where(valid, lse - z_target, 0.0))
+    lse = m + tl.log(d)  # (BLOCK_N,)
+    z_target = tl.load(LOGITS + rows * stride_row + tl.where(valid, target, 0), mask=valid, other=0.0).to(tl.float32)
+    tl.store(LOSS + rows, tl.where(valid, lse - z_target, 0.0), mask=rmask)  # z_target read before pass 2
     if WRITE_GRAD:
-        scale = tl.load(SCALE) * valid.to(tl.float32)  # ignored rows: an all-zero gradient row
+        scale = tl.load(SCALE) * valid.to(tl.float32)  # (BLOCK_N,): ignored rows get an all-zero row
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
-            z = tl.load(ptr + cols, mask=cols < V, other=0.0).to(tl.float32)
-            g = tl.exp(z - lse) - tl.where(cols == target, 1.0, 0.0)
-            tl.store(ptr + cols, (g * scale).to(LOGITS.dtype.element_ty), mask=cols < V)
+            mask = rmask[:, None] & (cols < V)[None, :]
+            z = tl.load(row_ptr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            g = tl.exp(z - lse[:, None]) - tl.where(cols[None, :] == target[:, None], 1.0, 0.0)
+            tl.store(row_ptr + cols[None, :], (g * scale[:, None]).to(LOGITS.dtype.element_ty), mask=mask)
 
 
 def ce_loss_grad_triton_(
@@ -76,9 +85,10 @@ def ce_loss_grad_triton_(
     loss = torch.empty((n,), dtype=torch.float32, device=logits.device)
     if n:
         block_v = min(next_pow2(V), MAX_BLOCK_V)
-        _ce_loss_grad_kernel[(n,)](
-            logits, targets, loss, scale, V, logits.stride(0), ignore_index,
-            WRITE_GRAD=write_grad, BLOCK_V=block_v, num_warps=warps_for(block_v),
+        block_n = max(1, min(next_pow2(n), TILE // block_v))
+        _ce_loss_grad_kernel[(triton.cdiv(n, block_n),)](
+            logits, targets, loss, scale, n, V, logits.stride(0), ignore_index,
+            WRITE_GRAD=write_grad, BLOCK_N=block_n, BLOCK_V=block_v, num_warps=warps_for(block_n * block_v),
         )  # fmt: skip
     return loss
 

@@ -143,6 +143,10 @@ def rmsnorm_bwd_triton(
 # ---- torch op: Triton where eligible, the reference elsewhere; autograd and fake registered ----
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)  # fp32 for fp32/bf16/fp16 (rstd in fp32), fp64 kept
+
+
 def _eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return use_triton("rmsnorm", x, weight) and x.shape[-1] <= MAX_C
 
@@ -151,7 +155,7 @@ def _eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def rmsnorm_fwd_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     if _eligible(x, weight):
         return rmsnorm_fwd_triton(x, weight, eps)
-    rstd = torch.rsqrt(x.float().pow(2).mean(-1) + eps)
+    rstd = torch.rsqrt(x.to(_compute_dtype(x)).pow(2).mean(-1) + eps)
     return rmsnorm_reference(x, weight, eps).contiguous(), rstd.contiguous()
 
 
@@ -168,10 +172,14 @@ def rmsnorm_bwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if _eligible(x, weight):
         return rmsnorm_bwd_triton(dy, x, weight, rstd)
-    with torch.enable_grad():  # the reference's own autograd
-        xr, wr = x.detach().requires_grad_(), weight.detach().requires_grad_()
-        dx, dw = torch.autograd.grad(rmsnorm_reference(xr, wr, eps), (xr, wr), dy)
-    return dx.contiguous(), dw.contiguous()
+    # The kernel's formula in torch ops (autograd is off inside an op's implementation).
+    ct = _compute_dtype(x)
+    xf, dyf = x.to(ct), dy.to(ct)
+    n = xf * rstd[..., None]  # (..., C)
+    dn = dyf * weight.to(ct)
+    dx = rstd[..., None] * (dn - n * (dn * n).mean(-1, keepdim=True))
+    dw = (dyf * n.to(x.dtype).to(ct)).reshape(-1, x.shape[-1]).sum(0)
+    return dx.to(x.dtype).contiguous(), dw.to(weight.dtype)
 
 
 @rmsnorm_bwd_op.register_fake
@@ -205,6 +213,6 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # Normalise in fp32 (rstd in fp32; fp64 stays fp64), cast back to the input dtype before the weight, as
     # Llama does.
-    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    xf = x.to(_compute_dtype(x))
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return y.to(x.dtype) * weight
