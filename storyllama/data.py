@@ -155,8 +155,7 @@ class RandomBatches:
         per_shard = data.windows_per_shard(block_size)
         self.cum_windows = np.concatenate([[0], np.cumsum(per_shard)])
         self.num_windows = int(self.cum_windows[-1])
-        self.windows_per_rank = self.num_windows // world_size
-        self.batches_per_epoch = self.windows_per_rank // batch_size
+        self.batches_per_epoch = self.num_windows // (world_size * batch_size)
         if self.batches_per_epoch == 0:
             raise DataError(f"the {data.split} split of {data.data_dir} has {data.num_tokens:,} tokens = "
                             f"{self.num_windows:,} windows of block_size + 1 = {block_size + 1}, fewer than "
@@ -172,15 +171,18 @@ class RandomBatches:
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         if epoch != self._epoch:
-            order = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
-            mine = order[self.rank * self.windows_per_rank : (self.rank + 1) * self.windows_per_rank]
-            self._epoch, self._order = epoch, mine
+            self._epoch, self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
         return self._order
 
     def window_ids(self, position: int) -> np.ndarray:
-        """Global window indices of the batch at stream `position` (for tests and debugging)."""
+        """Global window indices of the batch at stream `position` (for tests and debugging).
+
+        The global batch at a position is world_size x batch_size consecutive windows of the epoch's
+        permutation, and rank r takes the r-th batch_size of them: the ranks are disjoint, and together
+        they read exactly what one process with batch_size x world_size would."""
         epoch, k = divmod(position, self.batches_per_epoch)
-        return self._epoch_order(epoch)[k * self.batch_size : (k + 1) * self.batch_size]
+        start = (k * self.world_size + self.rank) * self.batch_size
+        return self._epoch_order(epoch)[start : start + self.batch_size]
 
     def batch_at(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y), int64 CPU tensors of shape (B, T), of the batch at stream `position`."""

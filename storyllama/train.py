@@ -21,6 +21,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -201,19 +202,23 @@ class StopFlag:
             signal.signal(s, h)
 
 
-def train(cfg: TrainConfig, args: argparse.Namespace) -> dict:
+def train(cfg: TrainConfig, args: argparse.Namespace, on_ddp: Callable | None = None) -> dict:
+    """Run training; returns a summary (steps, best validation loss, the trained unwrapped model).
+
+    on_ddp: called with the DistributedDataParallel module once it exists (e.g. to register a comm hook)."""
     d, device = init_distributed(cfg.device)
     stop = StopFlag()
     stop.install()
     try:
-        return _train(cfg, args, d, device, stop)
+        return _train(cfg, args, d, device, stop, on_ddp)
     finally:
         stop.restore()
         if d.enabled and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, args: argparse.Namespace, d: Dist, device: torch.device, stop: StopFlag) -> dict:
+def _train(cfg: TrainConfig, args: argparse.Namespace, d: Dist, device: torch.device, stop: StopFlag,
+           on_ddp: Callable | None) -> dict:
     run_dir, data_dir = Path(cfg.out), Path(cfg.data)
     meta = load_meta(data_dir)
     vocab = meta["tokenizer"]["vocab_size"]
@@ -275,9 +280,12 @@ def _train(cfg: TrainConfig, args: argparse.Namespace, d: Dist, device: torch.de
                              f"number (got {d.world_size}) so every rank continues its own data stream")
 
     raw_model = model
+    ddp_model = None
     if d.enabled:
-        model = torch.nn.parallel.DistributedDataParallel(
+        model = ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+        if on_ddp is not None:
+            on_ddp(ddp_model)
     if compile_:
         model = torch.compile(model)
 
@@ -358,7 +366,8 @@ def _train(cfg: TrainConfig, args: argparse.Namespace, d: Dist, device: torch.de
         for micro in range(accum):
             x, y = batches.next_batch()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            sync_ctx = model.no_sync() if d.enabled and micro < accum - 1 else contextlib.nullcontext()
+            # Non-final micro-steps keep their gradients local; the last backward all-reduces, bucket by bucket.
+            sync_ctx = ddp_model.no_sync() if ddp_model is not None and micro < accum - 1 else contextlib.nullcontext()
             with sync_ctx, torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
                 loss = model(x, y) / accum
             loss.backward()
@@ -377,6 +386,7 @@ def _train(cfg: TrainConfig, args: argparse.Namespace, d: Dist, device: torch.de
         if bad_steps >= cfg.max_bad_steps:
             raise TrainingError(f"{bad_steps} non-finite steps in a row at step {step}; stopping. The last good "
                                 f"checkpoint is kept in {run_dir / 'checkpoints'}; lower --max_lr or check the data")
+        _inject_fault(step, d.rank)
         step += 1
         tokens_seen += tokens_per_step
         tok_log += tokens_per_step
@@ -418,7 +428,7 @@ def _train(cfg: TrainConfig, args: argparse.Namespace, d: Dist, device: torch.de
     if wandb_run is not None:
         wandb_run.finish()
     summary = {"step": step, "tokens_seen": tokens_seen, "best_val_loss": best_val, "run_dir": str(run_dir),
-               "best_val_bpb": best_val / math.log(2) / bpt, "stopped_by": stopped_by}
+               "best_val_bpb": best_val / math.log(2) / bpt, "stopped_by": stopped_by, "model": raw_model}
     if d.master:
         if stopped_by is not None:
             log.info("stopped by %s at step %d; checkpoint saved. Continue with: bin/train --data %s --out %s "
@@ -426,6 +436,13 @@ def _train(cfg: TrainConfig, args: argparse.Namespace, d: Dist, device: torch.de
         log.info("done: best val loss %.4f (%.4f bits per byte); checkpoints in %s, metrics %s, plot %s",
                  best_val, summary["best_val_bpb"], run_dir / "checkpoints", metrics_path, run_dir / "loss.png")
     return summary
+
+
+def _inject_fault(step: int, rank: int) -> None:
+    # Fault injection for the tests: STORYLLAMA_TEST_FAIL_AT="RANK:STEP" raises on that rank at that step.
+    at = os.environ.get("STORYLLAMA_TEST_FAIL_AT")
+    if at and at == f"{rank}:{step}":
+        raise RuntimeError(f"injected failure on rank {rank} at step {step} (STORYLLAMA_TEST_FAIL_AT)")
 
 
 def _should_stop(stop: StopFlag, cfg: TrainConfig, t_start: float, d: Dist, device: torch.device) -> str | None:

@@ -1,0 +1,42 @@
+"""Run by torchrun in tests/test_distributed.py: the real training entry point, plus per-rank dumps.
+
+Trains through `storyllama.train.train` exactly as bin/train does, with a DDP comm hook that records,
+for every all-reduce DDP launches, which optimizer step it belonged to; then writes this rank's
+final weights and that record under DUMP_DIR.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from storyllama.train import parse_config, train  # noqa: E402
+
+calls: list[int] = []  # one entry per bucket all-reduce: the bucket's index
+
+
+def counting_hook(state, bucket):
+    calls.append(bucket.index())
+    return allreduce_hook(state, bucket)
+
+
+def main() -> None:
+    dump = Path(os.environ["DUMP_DIR"])
+    cfg, args = parse_config(sys.argv[1:])
+    rank = int(os.environ["RANK"])
+    summary = train(cfg, args, on_ddp=lambda m: m.register_comm_hook(None, counting_hook))
+    torch.save(summary["model"].state_dict(), dump / f"rank{rank}.pt")
+    (dump / f"rank{rank}.json").write_text(json.dumps({"calls": calls, "steps": summary["step"]}))
+    assert not dist.is_initialized()
+
+
+if __name__ == "__main__":
+    main()

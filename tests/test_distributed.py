@@ -1,0 +1,99 @@
+"""Distributed training on CPU: 2 processes started by torchrun, gloo backend.
+
+These run the commands the README shows (`torchrun --standalone --nproc_per_node=2 bin/train ...`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_prep.prepare import main as prepare_main
+from storyllama import checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+SHAPE = ["--preset", "tiny", "--dim", "64", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2",
+         "--hidden_dim", "128", "--block_size", "64", "--eval_iters", "2", "--log_interval", "1", "--device", "cpu",
+         "--sample_tokens", "0", "--dropout", "0.0", "--warmup_iters", "0", "--min_lr_ratio", "1.0",
+         "--max_lr", "2e-3", "--eval_interval", "100", "--save_interval", "100"]
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ddp") / "builtin"
+    assert prepare_main(["--builtin", "--builtin_stories", "300", "--tokenizer", "bpe:512", "--out", str(out),
+                         "--num_proc", "1"]) == 0
+    return out
+
+
+def launch(cmd: list[str], env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    recs = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    return [(r["step"], r["loss"]) for r in recs if "loss" in r]
+
+
+def test_two_ranks_equal_one_process_on_the_same_global_batch(data_dir, tmp_path):
+    """2 ranks x micro-batch 2 x 2 accumulation == 1 process x micro-batch 4 x 2 accumulation; both ranks
+    end with identical weights, and every bucket is all-reduced exactly once per optimizer step."""
+    steps = ["--total_iters", "4", "--total_batch_size", str(2 * 2 * 2 * 64)]
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    res = launch([*TORCHRUN, "tests/ddp_worker.py", "--data", str(data_dir), "--out", str(tmp_path / "ddp"),
+                  *SHAPE, *steps, "--batch_size", "2"], env={"DUMP_DIR": str(dump)})
+    assert res.returncode == 0, res.stderr[-3000:]
+    single = launch([sys.executable, "bin/train", "--data", str(data_dir), "--out", str(tmp_path / "single"),
+                     *SHAPE, *steps, "--batch_size", "4"])
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    w0, w1 = torch.load(dump / "rank0.pt"), torch.load(dump / "rank1.pt")
+    for k in w0:
+        assert torch.equal(w0[k], w1[k]), f"ranks disagree on {k}"
+    ref, _ = checkpoint.load_model(tmp_path / "single")
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(w0[k], v, rtol=1e-4, atol=1e-6, msg=f"DDP differs from one process on {k}")
+    # the logged (rank-averaged) losses match too
+    for (s_a, l_a), (s_b, l_b) in zip(losses(tmp_path / "ddp"), losses(tmp_path / "single"), strict=True):
+        assert s_a == s_b and abs(l_a - l_b) < 1e-4
+
+    for r in (0, 1):
+        rec = json.loads((dump / f"rank{r}.json").read_text())
+        buckets = sorted(set(rec["calls"]))
+        assert rec["steps"] == 4
+        # every bucket exactly once per step: 2 micro-steps would double this without no_sync
+        assert len(rec["calls"]) == 4 * len(buckets), rec
+
+
+def test_two_rank_run_resumes_exactly(data_dir, tmp_path):
+    straight, halves = tmp_path / "straight", tmp_path / "halves"
+    common = ["--data", str(data_dir), *SHAPE, "--batch_size", "2", "--total_batch_size", str(2 * 2 * 2 * 64)]
+    for out, extra in ((straight, ["--total_iters", "6"]), (halves, ["--total_iters", "3"]),
+                       (halves, ["--total_iters", "6", "--resume", "auto"])):
+        res = launch([*TORCHRUN, "bin/train", "--out", str(out), *common, *extra])
+        assert res.returncode == 0, res.stderr[-3000:]
+    assert losses(straight) == losses(halves)
+    state = checkpoint.load_state(checkpoint.resolve(halves))
+    assert set(state["data"]) == {"0", "1"} and state["world_size"] == 2
+
+
+def test_a_failing_rank_ends_the_job_with_an_error(data_dir, tmp_path):
+    t0 = time.time()
+    res = launch([*TORCHRUN, "bin/train", "--data", str(data_dir), "--out", str(tmp_path / "run"), *SHAPE,
+                  "--batch_size", "2", "--total_iters", "50"],
+                 env={"STORYLLAMA_TEST_FAIL_AT": "1:2", "STORYLLAMA_DIST_TIMEOUT": "60"}, timeout=180)
+    assert res.returncode != 0
+    assert "injected failure on rank 1 at step 2" in res.stderr
+    assert time.time() - t0 < 120
