@@ -44,10 +44,11 @@ def _write_pointer(path: Path, name: str) -> None:
     os.replace(tmp, path)
 
 
-def _pause_for_tests(where: str) -> None:
-    # Fault-injection hook: the reliability tests kill the process while it sleeps inside a save.
-    if os.environ.get("STORYLLAMA_TEST_PAUSE_IN_SAVE") == where:
-        print(f"STORYLLAMA_TEST_PAUSED {where}", flush=True)
+def _pause_for_tests(name: str) -> None:
+    # Fault-injection hook: with STORYLLAMA_TEST_PAUSE_IN_SAVE=step_NNNNNN the save of that checkpoint
+    # stops, its files written but not yet renamed, so a test can SIGKILL the process right there.
+    if os.environ.get("STORYLLAMA_TEST_PAUSE_IN_SAVE") == name:
+        print(f"STORYLLAMA_TEST_PAUSED {name}", flush=True)
         time.sleep(3600)
 
 
@@ -58,9 +59,9 @@ def save(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torc
     ckpt_root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:06d}"
     final = ckpt_root / name
+    for stale in ckpt_root.glob(".tmp_*"):  # left by a save that was killed: never a checkpoint
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = ckpt_root / f".tmp_{name}_{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir()
     try:
         weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -74,13 +75,18 @@ def save(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torc
             src = Path(data_dir or "") / fname
             if data_dir is not None and src.is_file():
                 shutil.copy2(src, tmp / fname)
-        _pause_for_tests("before_rename")
+        _pause_for_tests(name)
         for f in tmp.iterdir():  # durable before the rename makes it visible
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         if final.exists():  # a re-save of the same step (e.g. after resume): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        # A full disk surfaces as OSError from some writers and RuntimeError from torch.save's zip writer.
+        free = shutil.disk_usage(ckpt_root).free
+        raise OSError(f"writing checkpoint {final} failed ({e}); {free / 1e6:.1f} MB free on that disk") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

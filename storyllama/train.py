@@ -228,6 +228,7 @@ def _train(cfg: TrainConfig, args: argparse.Namespace, d: Dist, device: torch.de
     ckpt = _find_resume(cfg, run_dir)
     state: dict = {}
     if ckpt is not None:
+        _check_same_tokenizer(ckpt, meta)
         state = checkpoint.load_state(ckpt)
         mcfg = checkpoint.load_model_config(ckpt)
         asked = build_model_config(args, vocab)
@@ -237,7 +238,6 @@ def _train(cfg: TrainConfig, args: argparse.Namespace, d: Dist, device: torch.de
                 raise ValueError(f"cannot resume {ckpt}: its model differs from the flags given "
                                  f"({', '.join(f'{k}: checkpoint {a}, flags {b}' for k, (a, b) in diff.items())}); "
                                  "drop those flags or start a new --out")
-        _check_same_tokenizer(ckpt, meta)
     else:
         mcfg = build_model_config(args, vocab)
         if mcfg.vocab_size < vocab:
@@ -324,8 +324,8 @@ def _train(cfg: TrainConfig, args: argparse.Namespace, d: Dist, device: torch.de
             try:
                 path = checkpoint.save(run_dir, step, raw_model, optimizer, st, data_dir, cfg.keep_last, is_best)
             except OSError as e:
-                raise TrainingError(f"could not write a checkpoint in {run_dir}: {e}. Earlier checkpoints are "
-                                    "untouched; free disk space or choose another --out, then --resume auto") from e
+                raise TrainingError(f"could not write a checkpoint: {e}. Earlier checkpoints are untouched; free "
+                                    "disk space or choose another --out, then --resume auto") from e
         elif d.enabled:
             _gather_data_states(batches, d)
         if d.enabled:
@@ -349,6 +349,7 @@ def _train(cfg: TrainConfig, args: argparse.Namespace, d: Dist, device: torch.de
                 log.info("  sample: %s", sample_text(raw_model, enc, cfg, eot_id, device).replace("\n", " "))
         return is_best
 
+    faults = Faults.from_env()
     model.train()
     bar = tqdm(total=cfg.total_iters, initial=step, disable=not d.master, dynamic_ncols=True, unit="step",
                file=sys.stderr)
@@ -372,6 +373,8 @@ def _train(cfg: TrainConfig, args: argparse.Namespace, d: Dist, device: torch.de
                 loss = model(x, y) / accum
             loss.backward()
             loss_sum += loss.detach()
+        if faults.nan_at == step:
+            loss_sum += math.nan  # injected: the step must be skipped like a real non-finite loss
         # The norm is of the all-reduced gradients, so every rank takes the same decision below.
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.clip)
         if torch.isfinite(grad_norm) and torch.isfinite(loss_sum):
@@ -386,7 +389,8 @@ def _train(cfg: TrainConfig, args: argparse.Namespace, d: Dist, device: torch.de
         if bad_steps >= cfg.max_bad_steps:
             raise TrainingError(f"{bad_steps} non-finite steps in a row at step {step}; stopping. The last good "
                                 f"checkpoint is kept in {run_dir / 'checkpoints'}; lower --max_lr or check the data")
-        _inject_fault(step, d.rank)
+        if faults.fail_at == (d.rank, step):
+            raise RuntimeError(f"injected failure on rank {d.rank} at step {step} (STORYLLAMA_TEST_FAIL_AT)")
         step += 1
         tokens_seen += tokens_per_step
         tok_log += tokens_per_step
@@ -438,11 +442,20 @@ def _train(cfg: TrainConfig, args: argparse.Namespace, d: Dist, device: torch.de
     return summary
 
 
-def _inject_fault(step: int, rank: int) -> None:
-    # Fault injection for the tests: STORYLLAMA_TEST_FAIL_AT="RANK:STEP" raises on that rank at that step.
-    at = os.environ.get("STORYLLAMA_TEST_FAIL_AT")
-    if at and at == f"{rank}:{step}":
-        raise RuntimeError(f"injected failure on rank {rank} at step {step} (STORYLLAMA_TEST_FAIL_AT)")
+@dataclass(frozen=True)
+class Faults:
+    """Fault injection for the reliability tests, read once from the environment:
+    STORYLLAMA_TEST_FAIL_AT="RANK:STEP" raises on that rank at that step; STORYLLAMA_TEST_NAN_AT="STEP"
+    makes that step's loss NaN."""
+
+    fail_at: tuple[int, int] | None = None
+    nan_at: int | None = None
+
+    @classmethod
+    def from_env(cls) -> Faults:
+        fail = os.environ.get("STORYLLAMA_TEST_FAIL_AT")
+        nan = os.environ.get("STORYLLAMA_TEST_NAN_AT")
+        return cls(tuple(map(int, fail.split(":"))) if fail else None, int(nan) if nan else None)
 
 
 def _should_stop(stop: StopFlag, cfg: TrainConfig, t_start: float, d: Dist, device: torch.device) -> str | None:
@@ -538,6 +551,10 @@ def main(argv: list[str] | None = None) -> int:
         summary = train(cfg, args)
     except (ValueError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, read-only or missing directories, ...
+        print(f"error: {e.strerror or e} ({e.filename or cfg.out}); the last complete checkpoint is kept. Free "
+              "space or fix the path, then run again with --resume auto", file=sys.stderr)
         return 2
     except torch.OutOfMemoryError as e:
         print(f"error: out of memory on the GPU ({str(e).splitlines()[0]}); lower --batch_size (the micro batch) "
