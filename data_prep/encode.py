@@ -1,13 +1,15 @@
 """Parallel tokenization: documents in, one flat token array per chunk out, in order.
 
 tiktoken's Rust core releases the GIL while it encodes, so a pool of threads scales across cores
-with no process start-up and no pickling of text or tokens. Each worker encodes a chunk of
-documents with `encode_to_numpy` (the tokens come back as a numpy buffer, not a Python list of
-ints, which keeps the GIL-holding part small) and appends the end-of-text id after each document.
-Chunks are yielded in input order, so the output is byte-identical for any number of workers.
+with no process start-up and no pickling of text or tokens. Each worker encodes a chunk of ~1 MB
+of documents in one `encode_to_numpy` call (see `encode_chunk`: the tokens come back as one numpy
+buffer, not Python lists of ints, so the GIL is held for almost nothing). Chunks are yielded in
+input order, so the output is byte-identical for any number of workers.
 
-Measured on the 2-core machine (20 MB of TinyStories, gpt2): 1 thread ~22-25 MB/s, 2 threads
-~33-42 MB/s; a fork pool of 2 processes with pickled results ran ~32 MB/s.
+Measured on the 2-core machine (20 MB of TinyStories, gpt2, tokenizing only, idle machine):
+per-story lists ~24 MB/s on 1 thread; per-story numpy 2 threads ~42 MB/s; a fork pool of 2
+processes with pickled results ~32 MB/s. In CPU time: per-story lists 26, per-story numpy 33,
+whole-chunk calls 36 MB per CPU-second.
 """
 
 from __future__ import annotations
@@ -46,14 +48,36 @@ def chunk_documents(docs: Iterable[str], chunk_chars: int | None = None) -> Iter
 
 
 def encode_chunk(enc: tiktoken.Encoding, docs: list[str], dtype: np.dtype) -> EncodedChunk:
-    """Tokens of `docs`, each followed by EOT, with special-token text encoded as ordinary text."""
+    """Tokens of `docs`, each followed by EOT, with special-token text encoded as ordinary text.
+
+    The fast path encodes the whole chunk in one call: the documents joined by "<|endoftext|>", with
+    that special allowed. tiktoken cuts the text at each special token and encodes the pieces between
+    independently, so this equals encoding each document alone and appending EOT, but crosses into
+    Rust (and gives up the GIL) once per chunk instead of once per story. A chunk where a story itself
+    contains the text "<|endoftext|>" (or lone surrogates) takes the per-document path instead.
+    """
+    eot_text = enc.decode([enc.eot_token])
+    joined = eot_text.join(docs) + eot_text
+    if joined.count(eot_text) == len(docs):
+        try:
+            nbytes = len(joined.encode("utf-8")) - len(docs) * len(eot_text.encode("utf-8"))
+        except UnicodeEncodeError:
+            pass
+        else:
+            tokens = enc.encode_to_numpy(joined, allowed_special={eot_text}, disallowed_special=())
+            return EncodedChunk(tokens.astype(dtype), len(docs), nbytes)
+    return encode_chunk_per_document(enc, docs, dtype)
+
+
+def encode_chunk_per_document(enc: tiktoken.Encoding, docs: list[str], dtype: np.dtype) -> EncodedChunk:
+    """The same tokens as `encode_chunk`, one document at a time (any text)."""
     eot = np.array([enc.eot_token], dtype=np.uint32)
     parts: list[np.ndarray] = []
     nbytes = 0
     for doc in docs:
         try:
             nbytes += len(doc.encode("utf-8"))
-        except UnicodeEncodeError:  # lone surrogates (e.g. from a JSON "\\ud800"): keep what can be written
+        except UnicodeEncodeError:  # lone surrogates (e.g. from a JSON "\ud800"): keep what can be written
             doc = doc.encode("utf-8", errors="replace").decode("utf-8")
             nbytes += len(doc.encode("utf-8"))
         # Empty allowed and disallowed sets: "<|endoftext|>" inside a story is plain text, like encode_ordinary.

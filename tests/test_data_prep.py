@@ -225,12 +225,24 @@ def test_bpe_too_large_for_the_text_is_a_clear_error():
         train_bpe(["tiny text"], 4096)
 
 
-def test_encode_to_numpy_path_equals_encode_ordinary():
+@pytest.mark.parametrize("docs", [
+    ["plain story one.", "two  ", "", " three\n\n"],  # the whole-chunk fast path
+    UNICODE,  # one story holds "<|endoftext|>" as text: the per-document path
+    ["ends with <|endoftext|", "|> starts oddly", "<<|endoftext|>>", "x<|endoftext|>"],
+])
+def test_encode_chunk_equals_encode_ordinary_per_document(docs):
+    enc = make_encoding("b", train_bpe(builtin.write_stories(50, 0), 400))
+    chunk = encode.encode_chunk(enc, docs, np.dtype("<u2"))
+    expected = [t for d in docs for t in enc.encode_ordinary(d) + [enc.eot_token]]
+    assert chunk.tokens.tolist() == expected and chunk.documents == len(docs)
+    assert chunk.bytes == sum(len(d.encode()) for d in docs) and chunk.tokens.dtype == np.dtype("<u2")
+    assert encode.encode_chunk_per_document(enc, docs, np.dtype("<u2")).tokens.tolist() == expected
+
+
+def test_lone_surrogate_is_replaced_not_fatal():
     enc = make_encoding("b", {bytes([b]): b for b in range(256)})
-    chunk = encode.encode_chunk(enc, UNICODE, np.dtype("<u2"))
-    expected = [t for d in UNICODE for t in enc.encode_ordinary(d) + [enc.eot_token]]
-    assert chunk.tokens.tolist() == expected and chunk.documents == len(UNICODE)
-    assert chunk.bytes == sum(len(d.encode()) for d in UNICODE)
+    chunk = encode.encode_chunk(enc, ["ok", "bad \ud800 half"], np.dtype("<u2"))
+    assert enc.decode(chunk.tokens.tolist()) == "ok<|endoftext|>bad ? half<|endoftext|>"
 
 
 # ---------------------------------------------------------------------------------------------
