@@ -96,16 +96,21 @@ def ce_loss_grad_triton_(
 def ce_loss_grad_torch_(
     logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor, ignore_index: int, write_grad: bool = True
 ) -> torch.Tensor:
-    """The same step in torch ops (the CPU path): in place, fp32 math; -> row losses (n,) fp32."""
+    """The same step in torch ops (the CPU path), in place on fp32 logits with no second (n, V) buffer:
+    shift by the row max, exp, normalise. -> row losses (n,) fp32."""
     z = logits if logits.dtype == torch.float32 else logits.float()  # (n, V) fp32
     valid = targets != ignore_index
     t = torch.where(valid, targets, 0)[:, None]  # (n, 1), safe index for ignored rows
-    lse = torch.logsumexp(z, dim=-1)  # (n,)
-    loss = torch.where(valid, lse - z.gather(1, t).squeeze(1), 0.0)
+    m = z.amax(dim=-1, keepdim=True)  # (n, 1)
+    z.sub_(m)  # z - max: exp cannot overflow
+    z_target = z.gather(1, t).squeeze(1)  # (n,), shifted like z
+    z.exp_()
+    total = z.sum(dim=-1, keepdim=True)  # (n, 1)
+    loss = torch.where(valid, total.squeeze(1).log() - z_target, 0.0)  # lse - z_t, the max cancels
     if write_grad:
-        z.sub_(lse[:, None]).exp_()  # softmax, in place: no second (n, V) buffer
-        z.scatter_add_(1, t, -valid.to(z.dtype)[:, None])  # minus the one-hot target
-        z.mul_((valid * scale)[:, None])  # ignored rows -> 0
+        coef = (valid * scale)[:, None]  # (n, 1): SCALE, or 0 on ignored rows
+        z.mul_(coef / total)  # softmax * coef
+        z.scatter_add_(1, t, -coef)  # minus the one-hot target * coef
         if z is not logits:
             logits.copy_(z)
     return loss
@@ -178,12 +183,15 @@ def _setup_context(ctx, inputs, output):
     ctx.compute_grad = inputs[-1]
     ctx.save_for_backward(output[1], output[2])
     ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)  # no zero-filled (V, C) "gradient" for the grad_w output in backward
 
 
 def _backward(ctx, dloss, _dgrad_x, _dgrad_w):
     if not ctx.compute_grad:
         raise RuntimeError("linear_cross_entropy ran without gradients (no_grad or no input needing grad)")
     grad_x, grad_w = ctx.saved_tensors
+    if dloss is None:  # the loss itself was not used
+        return None, None, None, None, None, None, None
     return grad_x * dloss, grad_w * dloss, None, None, None, None, None
 
 
