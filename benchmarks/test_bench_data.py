@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -110,7 +111,8 @@ def test_sentencepiece_pool_baseline(benchmark, corpus, sp_model):
     speeds = [benchmark.pedantic(run, rounds=ROUNDS, iterations=1)]
     mb_s = corpus["baseline_mb"] / benchmark.stats.stats.mean
     _mb_per_s["baseline"] = mb_s
-    benchmark.extra_info.update({"MB_per_s": mb_s, "MB": corpus["baseline_mb"], "last_round_MB_per_s": speeds[0]})
+    benchmark.extra_info.update({"MB_per_s": mb_s, "MB": corpus["baseline_mb"], "last_round_MB_per_s": speeds[0],
+                                 "load_avg_1m": os.getloadavg()[0]})  # the machine is shared: say how busy it was
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,7 +152,7 @@ def test_prepare_throughput(benchmark, corpus, bpe_ranks_file, tokenizer, num_pr
     mb_s = text_mb / benchmark.stats.stats.mean
     tokens = meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"]
     benchmark.extra_info.update({"MB_per_s": mb_s, "MB": text_mb, "tokens_per_s": tokens / benchmark.stats.stats.mean,
-                                 "workers": num_proc})
+                                 "workers": num_proc, "load_avg_1m": os.getloadavg()[0]})
     if "baseline" in _mb_per_s:
         benchmark.extra_info["x_sentencepiece_pool"] = mb_s / _mb_per_s["baseline"]
     for out in corpus["dir"].glob(f"out-{tokenizer}-{num_proc}-*"):
