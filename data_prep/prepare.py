@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from . import builtin, sources
 from .encode import encode_documents
-from .shards import DTYPES, FORMAT_VERSION, ShardWriter, write_json_atomic
+from .shards import DTYPES, FORMAT_VERSION, ShardError, ShardWriter, read_header, write_json_atomic
 from .tokenizer import (
     GPT2_PAT_STR,
     TOKENIZER_FILE,
@@ -157,6 +157,22 @@ def _ours(path: Path) -> bool:
             or (n.endswith(".bin") and n.split("_")[0] in SPLITS))
 
 
+def _check_complete(out: Path, meta: dict) -> None:
+    """A finished output must still hold its tokenizer and every shard whole (headers only: cheap)."""
+    try:
+        tok = out / meta["tokenizer"]["file"]
+        if not tok.is_file() or file_sha256(tok) != meta["tokenizer"]["sha256"]:
+            raise ShardError(f"{tok} is missing or is not the tokenizer meta.json names")
+        for split in SPLITS:
+            info = meta["splits"][split]
+            counts = [read_header(out / name)[1] for name in info["shards"]]
+            if sum(counts) != info["tokens"]:
+                raise ShardError(f"the {split} shards hold {sum(counts):,} tokens, meta.json says {info['tokens']:,}")
+    except (ShardError, KeyError, TypeError) as e:
+        raise PrepareError(f"{out} looks finished but is damaged ({e}); delete {out} and run the same command "
+                           "again") from None
+
+
 def _check_output(out: Path, identity: dict) -> dict | None:
     """Return the finished meta when `out` already holds this output; raise when it holds something else."""
     if not out.exists():
@@ -173,6 +189,7 @@ def _check_output(out: Path, identity: dict) -> dict | None:
         if diff:
             raise PrepareError(f"{out} already holds data prepared differently ({diff}); choose another --out, "
                                f"or delete {out} to replace it")
+        _check_complete(out, meta)
         return meta
     if marker_path.is_file():
         try:

@@ -366,6 +366,16 @@ def test_rerun_same_command_does_nothing(tmp_path, stories, caplog):
     assert dir_snapshot(out) == before
 
 
+def test_rerun_on_a_damaged_output_refuses(tmp_path, stories):
+    train = write_jsonl(tmp_path / "t.jsonl", stories[:80])
+    out = tmp_path / "o"
+    run_prepare(out, train=[str(train)], tokenizer="bpe:300")
+    shard = out / "val_000000.bin"
+    shard.write_bytes(shard.read_bytes()[:-2])
+    with pytest.raises(PrepareError, match=r"damaged .*val_000000\.bin.*truncated"):
+        run_prepare(out, train=[str(train)], tokenizer="bpe:300")
+
+
 @pytest.mark.parametrize("change", [dict(tokenizer="bpe:400"), dict(val_fraction=0.2), dict(shard_tokens=999),
                                     dict(other_source=True)])
 def test_different_tokenizer_or_source_refused_without_overwrite(tmp_path, stories, change):
