@@ -19,6 +19,7 @@ token.
 Public API:
     generate(model, prompt_ids, cfg, eot_id, vocab_limit, on_token=None, stats=None) -> list[list[int]]
     generate_recompute(model, prompt_ids, cfg, eot_id, vocab_limit) -> list[list[int]]
+    prepare_for_decoding(model) -> model      (weight layout for fast decoding; bin/sample applies it)
     prefill, decode_one_token, sample_one_no_sync, apply_repetition_penalty
     main(argv) -> exit code      (bin/sample)
 """
@@ -159,13 +160,32 @@ _compiled_steps: dict[str, Callable] = {}
 
 
 def _compiled_decode_step(device: torch.device) -> Callable:
-    """torch.compile of _decode_step, static shapes; on CUDA with CUDA graphs (reduce-overhead)."""
-    mode = "reduce-overhead" if device.type == "cuda" else None
+    """torch.compile of _decode_step with static shapes (each batch and cache length is its own graph).
+
+    CUDA: mode="reduce-overhead", the step replayed as a CUDA graph. CPU: inductor's default mode, which
+    fuses the elementwise work (norms, RoPE, masks, sampling) around the matmuls and removes most of the
+    per-op dispatch. The weights are graph inputs, read live: a model trained further samples correctly.
+    """
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
     if mode not in _compiled_steps:
-        # Each (model, batch, cache length, sampling settings) is its own static graph; allow a few.
+        # Batch sizes, cache lengths and sampling settings each compile a graph; allow more than dynamo's 8.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         _compiled_steps[mode] = torch.compile(_decode_step, mode=mode, dynamic=False, fullgraph=True)
     return _compiled_steps[mode]
+
+
+def prepare_for_decoding(model: Llama) -> Llama:
+    """Lay the weights out for fast decoding, in place; for inference-only models (the values are unchanged).
+
+    fp32 on CPU: the LM head (the tied embedding) is stored column-major. Decoding multiplies one hidden
+    state per row by this (vocab x dim) matrix, the largest one; MKL's gemv reads the column-major
+    layout about 1.6x faster on this project's CPU (measured: ~30 vs ~18 GB/s). bf16 (oneDNN) is faster
+    row-major, so it is left as it is; so is CUDA.
+    """
+    w = model.lm_head_weight
+    if w.device.type == "cpu" and w.dtype == torch.float32 and w.is_contiguous():
+        w.data = w.data.t().contiguous().t()  # (V, dim) with strides (1, V)
+    return model
 
 
 # -- the loop --------------------------------------------------------------------------------------------
@@ -238,6 +258,7 @@ def generate(model: Llama, prompt_ids: list[list[int]], cfg: SampleConfig, eot_i
     at or above it (the model's padded rows) are never produced. `on_token(ids)` is called with one id
     per row after each step (EOT for rows already finished); `stats`, when given, receives
     prefill_s, decode_s, new_tokens (per row, including the first from the prefill) and batch.
+    cfg.compile compiles the decode step (see _compiled_decode_step; the first call per shape compiles).
     """
     device = model.lm_head_weight.device
     params = SamplingParams.of(cfg)
@@ -379,7 +400,7 @@ def load_for_sampling(path: str, device: torch.device, dtype: torch.dtype):
     # Cast the weights only: the RoPE tables stay fp32 (model.to(dtype) would round them).
     for p in model.parameters():
         p.data = p.data.to(dtype)
-    return model, load_encoding(ckpt), ckpt
+    return prepare_for_decoding(model), load_encoding(ckpt), ckpt
 
 
 def main(argv: list[str] | None = None, prog: str = "sample") -> int:

@@ -156,10 +156,27 @@ def test_prompt_longer_than_context_is_a_clear_error(model):
         generate(model, [[1] * 70], replace(GREEDY, max_new_tokens=1), None, N_VOCAB)
 
 
-def test_compiled_decode_step_gives_the_eager_tokens(model):
+def test_compiled_decode_step_gives_the_eager_tokens_and_follows_weight_updates():
+    model = tiny_model()
     cfg = SampleConfig(max_new_tokens=12, temperature=0.8, top_k=50, top_p=0.9, repetition_penalty=1.1, seed=5)
     eager = generate(model, PROMPTS, cfg, None, N_VOCAB)
     assert generate(model, PROMPTS, replace(cfg, compile=True), None, N_VOCAB) == eager
+    # The compiled step reads the weights live: an in-place update (an optimizer step) is seen.
+    with torch.no_grad():
+        model.output.weight.mul_(-1.0)
+    eager2 = generate(model, PROMPTS, cfg, None, N_VOCAB)
+    assert eager2 != eager
+    assert generate(model, PROMPTS, replace(cfg, compile=True), None, N_VOCAB) == eager2
+
+
+def test_prepare_for_decoding_changes_layout_not_tokens():
+    from storyllama.sample import prepare_for_decoding
+
+    model = tiny_model(tie_embeddings=True)
+    before = generate(model, PROMPTS, GREEDY, None, N_VOCAB)
+    prepare_for_decoding(model)
+    assert model.lm_head_weight.stride() == (1, 320)
+    assert generate(model, PROMPTS, GREEDY, None, N_VOCAB) == before
 
 
 def test_bfloat16_weights_keep_fp32_rope_and_sample_valid_tokens(saved):
