@@ -8,10 +8,11 @@ token of a shard except its first is a target exactly once per epoch. Windows ne
 boundary (the writer keeps every shard at least `--shard_tokens` long, so little is lost).
 
 Training order (`RandomBatches`): epoch e shuffles all windows with numpy's generator seeded by
-(seed, e); rank r of a world of W takes the r-th of W equal consecutive slices of that order, and
-its n-th batch of the epoch is the n-th B windows of its slice. So the batch at stream position p is
-a pure function of (seed, p, rank, world_size), ranks never share a window within an epoch, and
-together they cover the epoch's windows (all but fewer than W * B of them). Resuming only needs p.
+(seed, e); the global batch k of the epoch is the k-th run of W * B windows of that order, and rank r
+of a world of W takes the r-th B of them. So the batch at stream position p is a pure function of
+(seed, p, rank, world_size), ranks never share a window within an epoch, together they cover the
+epoch's windows (all but fewer than W * B of them), and W ranks read exactly what one process with
+batch size W * B would. Resuming only needs p.
 
 Validation (`val_batches`) walks the windows in order: global batch k is windows kB..kB+B-1, and
 rank r takes batches r, r + W, r + 2W, ... (the same number on every rank).

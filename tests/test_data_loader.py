@@ -95,6 +95,15 @@ def test_ranks_disjoint_and_exact_cover_when_divisible(tmp_path):
     assert sorted(seen) == list(range(0, 8 * 48, 8))
 
 
+def test_world_of_ranks_reads_what_one_process_with_the_global_batch_reads(data_dir):
+    d = TokenData(data_dir, "train")
+    one = RandomBatches(d, 12, 16, seed=2)
+    ranks = [RandomBatches(d, 4, 16, seed=2, rank=r, world_size=3) for r in range(3)]
+    for n in (0, 1, one.batches_per_epoch + 2):
+        together = torch.cat([rb.batch_at(n)[0] for rb in ranks])
+        assert torch.equal(together, one.batch_at(n)[0])
+
+
 def test_same_seed_and_step_same_batch(data_dir):
     d = TokenData(data_dir, "train")
     a = RandomBatches(d, 4, 16, seed=3, rank=1, world_size=2)
