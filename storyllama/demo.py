@@ -10,7 +10,7 @@ import argparse
 import sys
 import time
 
-DATA, RUN = "data/builtin", "runs/demo"
+DATA, RUN = "data/demo", "runs/demo"
 
 
 def main(argv: list[str] | None = None) -> int:
