@@ -169,14 +169,29 @@ def test_compiled_decode_step_gives_the_eager_tokens_and_follows_weight_updates(
     assert generate(model, PROMPTS, replace(cfg, compile=True), None, N_VOCAB) == eager2
 
 
-def test_prepare_for_decoding_changes_layout_not_tokens():
-    from storyllama.sample import prepare_for_decoding
+@pytest.mark.parametrize("compile", [False, True])
+def test_prepared_model_samples_the_same_and_trains_the_same(compile):
+    from storyllama.sample import _DecodeLinear, prepare_for_decoding
 
-    model = tiny_model(tie_embeddings=True)
-    before = generate(model, PROMPTS, GREEDY, None, N_VOCAB)
-    prepare_for_decoding(model)
-    assert model.lm_head_weight.stride() == (1, 320)
-    assert generate(model, PROMPTS, GREEDY, None, N_VOCAB) == before
+    model = tiny_model()
+    cfg = replace(GREEDY, compile=compile)
+    before, state = generate(model, PROMPTS, cfg, None, N_VOCAB), model.state_dict()
+    idx = torch.tensor([PROMPTS[2]])
+    loss = model(idx[:, :-1], idx[:, 1:])
+    prepare_for_decoding(model, min_bytes=0)  # pack every matrix of the tiny model
+    assert sum(isinstance(m, _DecodeLinear) for m in model.modules()) == 14  # 7 per layer, and the head:
+    assert model._decode_head_key is not None
+    assert generate(model, PROMPTS, cfg, None, N_VOCAB) == before  # oneDNN's sums differ only in rounding
+    assert model.state_dict().keys() == state.keys()
+    torch.testing.assert_close(model(idx[:, :-1], idx[:, 1:]), loss)  # with gradients: plain F.linear
+    # a weight changed in place (an optimizer step) is repacked, not served stale
+    with torch.no_grad():
+        model.lm_head_weight.mul_(-1.0)
+        for layer in model.layers:
+            layer.feed_forward.w2.weight.mul_(-2.0)
+    after = generate(model, PROMPTS, cfg, None, N_VOCAB)
+    assert after != before
+    assert after == [greedy_by_recompute(model, p, GREEDY.max_new_tokens) for p in PROMPTS]
 
 
 def test_bfloat16_weights_keep_fp32_rope_and_sample_valid_tokens(saved):
