@@ -126,10 +126,11 @@ class TokenData:
         self.check_block_size(block_size)
         return np.array([(mm.size - 1) // block_size for mm in self.shards], dtype=np.int64)
 
-    def gather(self, window_ids: np.ndarray, block_size: int, cum_windows: np.ndarray) -> np.ndarray:
-        """Windows by global index (shard-major order) -> int64 array (len(window_ids), block_size + 1)."""
+    def gather(self, window_ids: np.ndarray, block_size: int, cum_windows: np.ndarray, shift: int = 0) -> np.ndarray:
+        """Windows by global index (shard-major order) -> int64 array (len(window_ids), block_size + 1).
+        Window k of a shard starts at token shift + k * block_size."""
         shard_of = np.searchsorted(cum_windows, window_ids, side="right") - 1
-        starts = (window_ids - cum_windows[shard_of]) * block_size
+        starts = (window_ids - cum_windows[shard_of]) * block_size + shift
         out = np.empty((len(window_ids), block_size + 1), dtype=np.int64)
         offsets = np.arange(block_size + 1, dtype=np.int64)
         for s in np.unique(shard_of):
@@ -144,7 +145,11 @@ def _to_xy(windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class RandomBatches:
-    """Shuffled training batches; batch n is a pure function of (seed, n, rank, world_size)."""
+    """Shuffled training batches; batch n is a pure function of (seed, n, rank, world_size).
+
+    Each epoch draws a permutation of the windows and, when every shard has room for it, a shift in
+    [0, block_size) of all window starts: over several epochs the model sees the text cut at different
+    places instead of the same windows again (cheap augmentation on small corpora)."""
 
     def __init__(self, data: TokenData, batch_size: int, block_size: int, seed: int, rank: int = 0,
                  world_size: int = 1):
@@ -154,6 +159,12 @@ class RandomBatches:
         self.data, self.batch_size, self.block_size = data, batch_size, block_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
         per_shard = data.windows_per_shard(block_size)
+        # With a shift s < block_size, window k ends at s + (k + 1) * block_size + 1 <= size when there are
+        # (size - block_size) // block_size windows: the count stays the same whatever the shift.
+        shifted = np.array([(mm.size - block_size) // block_size for mm in data.shards], dtype=np.int64)
+        self.shifts = bool((shifted >= 1).all())
+        if self.shifts:
+            per_shard = shifted
         self.cum_windows = np.concatenate([[0], np.cumsum(per_shard)])
         self.num_windows = int(self.cum_windows[-1])
         self.batches_per_epoch = self.num_windows // (world_size * batch_size)
@@ -165,14 +176,22 @@ class RandomBatches:
         self.position = 0  # batches taken so far: the only state
         self._epoch: int | None = None
         self._order: np.ndarray | None = None
+        self._shift = 0
 
     @property
     def epoch(self) -> int:
         return self.position // self.batches_per_epoch
 
+    def shift_of_epoch(self, epoch: int) -> int:
+        """Where windows start in `epoch`, relative to each shard's first token (0 <= shift < block_size)."""
+        self._epoch_order(epoch)
+        return self._shift
+
     def _epoch_order(self, epoch: int) -> np.ndarray:
         if epoch != self._epoch:
-            self._epoch, self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
+            rng = np.random.default_rng([self.seed, epoch])
+            self._shift = int(rng.integers(self.block_size)) if self.shifts else 0
+            self._epoch, self._order = epoch, rng.permutation(self.num_windows)
         return self._order
 
     def window_ids(self, position: int) -> np.ndarray:
@@ -187,7 +206,8 @@ class RandomBatches:
 
     def batch_at(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y), int64 CPU tensors of shape (B, T), of the batch at stream `position`."""
-        return _to_xy(self.data.gather(self.window_ids(position), self.block_size, self.cum_windows))
+        ids = self.window_ids(position)  # also sets this epoch's shift
+        return _to_xy(self.data.gather(ids, self.block_size, self.cum_windows, self._shift))
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         batch = self.batch_at(self.position)

@@ -73,13 +73,15 @@ def test_ranks_are_disjoint_and_cover_the_epoch(data_dir, world_size):
     T, B = 16, 5
     ranks = [RandomBatches(d, B, T, seed=11, rank=r, world_size=world_size) for r in range(world_size)]
     per_epoch = ranks[0].batches_per_epoch
-    assert per_epoch == (325 // world_size) // B
+    # Every shard has room for a shifted window set: (size - T) // T windows each = 99 + 99 + 124.
+    assert ranks[0].shifts and per_epoch == (322 // world_size) // B
+    shift = ranks[0].shift_of_epoch(0)
     seen = [[s for _ in range(per_epoch) for s in window_starts(rb.next_batch()[0])] for rb in ranks]
     flat = [s for r in seen for s in r]
     assert len(flat) == len(set(flat)) == per_epoch * B * world_size  # disjoint, no repeats within the epoch
-    # Together they cover every window but fewer than world_size * B of them (325 windows in all).
+    # Together they cover every window but fewer than world_size * B of them (322 windows in all).
     shard_starts = [0, 1601, 3202]
-    all_windows = {s0 + k * T for s0, n in zip(shard_starts, [100, 100, 125], strict=True) for k in range(n)}
+    all_windows = {s0 + shift + k * T for s0, n in zip(shard_starts, [99, 99, 124], strict=True) for k in range(n)}
     assert set(flat) <= all_windows and len(all_windows - set(flat)) < world_size * B
     # Windows never cross a shard boundary.
     assert all(any(s0 <= s and s + T < s0 + n for s0, n in zip(shard_starts, [1601, 1601, 2001], strict=True))
@@ -87,12 +89,30 @@ def test_ranks_are_disjoint_and_cover_the_epoch(data_dir, world_size):
 
 
 def test_ranks_disjoint_and_exact_cover_when_divisible(tmp_path):
-    d = TokenData(make_data_dir(tmp_path / "e", [8 * 48 + 1]), "train")  # 48 windows of T = 8
+    d = TokenData(make_data_dir(tmp_path / "e", [8 * 49 + 1]), "train")  # 48 shifted windows of T = 8
     seen = []
     for r in range(4):
         rb = RandomBatches(d, 3, 8, seed=5, rank=r, world_size=4)
         seen += [s for _ in range(rb.batches_per_epoch) for s in window_starts(rb.next_batch()[0])]
-    assert sorted(seen) == list(range(0, 8 * 48, 8))
+    shift = rb.shift_of_epoch(0)
+    assert sorted(seen) == list(range(shift, shift + 8 * 48, 8))
+
+
+def test_each_epoch_cuts_the_text_at_a_new_place(tmp_path):
+    d = TokenData(make_data_dir(tmp_path / "s", [8 * 49 + 1]), "train")
+    rb = RandomBatches(d, 4, 8, seed=5)
+    shifts = {rb.shift_of_epoch(e) for e in range(20)}
+    assert len(shifts) > 3 and all(0 <= s < 8 for s in shifts)
+    for e in range(3):  # every window of an epoch starts at that epoch's shift
+        starts = window_starts(rb.batch_at(e * rb.batches_per_epoch)[0])
+        assert all(s % 8 == rb.shift_of_epoch(e) for s in starts)
+
+
+def test_data_too_small_to_shift_keeps_fixed_windows(tmp_path):
+    d = TokenData(make_data_dir(tmp_path / "f", [8 + 1 + 3]), "train")  # one window of T = 8, no room to shift
+    rb = RandomBatches(d, 1, 8, seed=5)
+    assert not rb.shifts and rb.num_windows == 1
+    assert all(window_starts(rb.next_batch()[0]) == [0] for _ in range(5))
 
 
 def test_world_of_ranks_reads_what_one_process_with_the_global_batch_reads(data_dir):
@@ -140,8 +160,8 @@ def test_state_dict_resume_continues_the_stream(data_dir):
 
 
 def test_too_few_windows_for_batch_and_world_is_clear(tmp_path):
-    d = TokenData(make_data_dir(tmp_path / "s", [16 * 10 + 1]), "train")  # 10 windows of T = 16
-    with pytest.raises(DataError, match=r"10 windows.*batch_size 4 x world_size 3 = 12"):
+    d = TokenData(make_data_dir(tmp_path / "s", [16 * 10 + 1]), "train")  # 9 shifted windows of T = 16
+    with pytest.raises(DataError, match=r"9 windows.*batch_size 4 x world_size 3 = 12"):
         RandomBatches(d, 4, 16, seed=0, world_size=3)
     with pytest.raises(DataError, match="fewer than batch_size 11"):
         next(val_batches(d, 11, 16))
