@@ -78,7 +78,9 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=True)
         else:
             k, v = self.cache.update(cache_pos, k, v)  # (B, Hkv, S, D)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
+            # The cache may be wider than the weights (fp32 beside bf16 weights on CPU, where bf16 SDPA is
+            # ~8x slower); attention runs in the cache's dtype. A no-op when the dtypes agree.
+            y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=attn_mask, enable_gqa=True).to(q.dtype)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H * D)
         return F.dropout(self.wo(y), dropout, self.training)
 

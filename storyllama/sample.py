@@ -71,7 +71,7 @@ def _lm_head(model: Llama, h: torch.Tensor, vocab_limit: int) -> torch.Tensor:
     key = getattr(model, "_decode_head_key", None)  # set by prepare_for_decoding
     if key is None or (h.shape[0] == 1 and not model._decode_head_one_row):
         return F.linear(h, model.lm_head_weight[:vocab_limit]).float()  # (B, vocab_limit)
-    return decode_linear(h, model.lm_head_weight, key)[:, :vocab_limit].float()  # (B, V) -> (B, vocab_limit)
+    return decode_linear(h, model.lm_head_weight, key).float()[:, :vocab_limit]  # (B, V) -> (B, vocab_limit)
 
 
 def _cache_len(model: Llama) -> int:
@@ -361,7 +361,10 @@ def generate(model: Llama, prompt_ids: list[list[int]], cfg: SampleConfig, eot_i
     presence = _presence(prompt_ids, vocab_limit, device) if params.repetition_penalty != 1.0 else None
     step = _compiled_decode_step(device) if cfg.compile else _decode_step
     out = torch.full((B, n_new), eot, dtype=torch.long, device=device)  # (B, n_new) generated ids
-    model.setup_caches(B, P + n_new, dtype=model.lm_head_weight.dtype)
+    # On CPU the cache (and attention) stay fp32 whatever the weights: CPU SDPA in bf16 is ~8x slower than
+    # fp32 (measured at batch 8, 272 slots: 1.35 ms vs 0.16 ms per layer) and the cache is small.
+    cache_dtype = torch.float32 if device.type == "cpu" else model.lm_head_weight.dtype
+    model.setup_caches(B, P + n_new, dtype=cache_dtype)
     try:
         t0 = time.perf_counter()
         logits = prefill(model, idx, pad, vocab_limit)
