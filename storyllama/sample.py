@@ -542,8 +542,8 @@ def main(argv: list[str] | None = None, prog: str = "sample") -> int:
     sys.stdout.flush()
     n = stats["new_tokens"] * stats["batch"]
     print(f"[{ckpt}] prefill {stats['prompt_tokens']} x {stats['batch']} tokens in {stats['prefill_s']:.3f} s; "
-          f"decode {n} tokens in {stats['decode_s']:.2f} s ({n / max(stats['decode_s'], 1e-9):.1f} tokens/s)",
-          file=sys.stderr)
+          f"decode {n} tokens in {stats['decode_s']:.2f} s ({n / max(stats['decode_s'], 1e-9):.1f} tokens/s"
+          + (", including compiling the decode step)" if cfg.compile else ")"), file=sys.stderr)
     return 0
 
 
