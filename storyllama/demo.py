@@ -25,7 +25,6 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     from data_prep.prepare import main as prepare_main
-
     from storyllama.sample import main as sample_main
     from storyllama.train import main as train_main
 

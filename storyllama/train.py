@@ -289,6 +289,16 @@ def _train(cfg: TrainConfig, args: argparse.Namespace, d: Dist, device: torch.de
     if compile_:
         model = torch.compile(model)
 
+    if cfg.eval_only:
+        if ckpt is None:
+            raise ValueError("--eval_only needs a checkpoint: --resume CKPT_DIR (or --resume auto with --out RUN_DIR)")
+        val = evaluate(model, val_data, replace(cfg, eval_iters=0), val_batch, T, device, amp, d)
+        bpb = val / math.log(2) / bytes_per_token(meta, "val")
+        if d.master:
+            log.info("%s on the whole val split of %s (%d tokens): loss %.4f, %.4f bits per byte", ckpt, data_dir,
+                     val_data.num_tokens, val, bpb)
+        return {"step": step, "val_loss": val, "val_bpb": bpb, "model": raw_model}
+
     enc = None
     if d.master:
         run_dir.mkdir(parents=True, exist_ok=True)

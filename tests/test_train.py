@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from data_prep.prepare import main as prepare_main
 from safetensors.torch import load_file
 
+from data_prep.prepare import main as prepare_main
 from storyllama import checkpoint
 from storyllama.config import TrainConfig
 from storyllama.train import main as train_main
@@ -60,6 +60,18 @@ def test_training_lowers_loss_and_writes_logs_plot_and_checkpoint(data_dir, tmp_
     assert "tok_embeddings.weight" in weights and not any(k.startswith(("module.", "_orig_mod.")) for k in weights)
     model, _ = checkpoint.load_model(out)
     assert model.cfg.dim == 64 and model.cfg.vocab_size == 512
+    # --eval_only scores a checkpoint on the whole validation split, the same number a manual pass gives
+    from storyllama.data import TokenData, bytes_per_token, val_batches
+    from storyllama.train import parse_config, train
+
+    cfg, args = parse_config(["--data", str(data_dir), "--out", str(out), *SHAPE, "--eval_only",
+                              "--resume", str(ckpt)])
+    summary = train(cfg, args)
+    val = TokenData(data_dir, "val")
+    with torch.no_grad():
+        losses = [model(x, y).item() for x, y in val_batches(val, 4, 64)]
+    assert summary["val_loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+    assert summary["val_bpb"] == pytest.approx(summary["val_loss"] / math.log(2) / bytes_per_token(val.meta))
 
 
 def test_resume_continues_exactly(data_dir, tmp_path):
