@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_prep.prepare import main as prepare_main
 from storyllama import checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,14 +27,6 @@ SHAPE = ["--preset", "tiny", "--dim", "64", "--n_layers", "2", "--n_heads", "4",
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ddp") / "builtin"
-    assert prepare_main(["--builtin", "--builtin_stories", "300", "--tokenizer", "bpe:512", "--out", str(out),
-                         "--num_proc", "1"]) == 0
-    return out
-
-
 def launch(cmd: list[str], env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
@@ -46,16 +37,16 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in recs if "loss" in r]
 
 
-def test_two_ranks_equal_one_process_on_the_same_global_batch(data_dir, tmp_path):
+def test_two_ranks_equal_one_process_on_the_same_global_batch(builtin_data, tmp_path):
     """2 ranks x micro-batch 2 x 2 accumulation == 1 process x micro-batch 4 x 2 accumulation; both ranks
     end with identical weights, and every bucket is all-reduced exactly once per optimizer step."""
     steps = ["--total_iters", "4", "--total_batch_size", str(2 * 2 * 2 * 64)]
     dump = tmp_path / "dump"
     dump.mkdir()
-    res = launch([*TORCHRUN, "tests/ddp_worker.py", "--data", str(data_dir), "--out", str(tmp_path / "ddp"),
+    res = launch([*TORCHRUN, "tests/ddp_worker.py", "--data", str(builtin_data), "--out", str(tmp_path / "ddp"),
                   *SHAPE, *steps, "--batch_size", "2"], env={"DUMP_DIR": str(dump)})
     assert res.returncode == 0, res.stderr[-3000:]
-    single = launch([sys.executable, "bin/train", "--data", str(data_dir), "--out", str(tmp_path / "single"),
+    single = launch([sys.executable, "bin/train", "--data", str(builtin_data), "--out", str(tmp_path / "single"),
                      *SHAPE, *steps, "--batch_size", "4"])
     assert single.returncode == 0, single.stderr[-3000:]
 
@@ -79,9 +70,9 @@ def test_two_ranks_equal_one_process_on_the_same_global_batch(data_dir, tmp_path
         assert len(rec["calls"]) == 4 * len(buckets), rec
 
 
-def test_two_rank_run_resumes_exactly(data_dir, tmp_path):
+def test_two_rank_run_resumes_exactly(builtin_data, tmp_path):
     straight, halves = tmp_path / "straight", tmp_path / "halves"
-    common = ["--data", str(data_dir), *SHAPE, "--batch_size", "2", "--total_batch_size", str(2 * 2 * 2 * 64)]
+    common = ["--data", str(builtin_data), *SHAPE, "--batch_size", "2", "--total_batch_size", str(2 * 2 * 2 * 64)]
     for out, extra in ((straight, ["--total_iters", "6"]), (halves, ["--total_iters", "3"]),
                        (halves, ["--total_iters", "6", "--resume", "auto"])):
         res = launch([*TORCHRUN, "bin/train", "--out", str(out), *common, *extra])
@@ -91,9 +82,9 @@ def test_two_rank_run_resumes_exactly(data_dir, tmp_path):
     assert set(state["data"]) == {"0", "1"} and state["world_size"] == 2
 
 
-def test_a_failing_rank_ends_the_job_with_an_error(data_dir, tmp_path):
+def test_a_failing_rank_ends_the_job_with_an_error(builtin_data, tmp_path):
     t0 = time.time()
-    res = launch([*TORCHRUN, "bin/train", "--data", str(data_dir), "--out", str(tmp_path / "run"), *SHAPE,
+    res = launch([*TORCHRUN, "bin/train", "--data", str(builtin_data), "--out", str(tmp_path / "run"), *SHAPE,
                   "--batch_size", "2", "--total_iters", "50"],
                  env={"STORYLLAMA_TEST_FAIL_AT": "1:2", "STORYLLAMA_DIST_TIMEOUT": "60"}, timeout=180)
     assert res.returncode != 0

@@ -26,16 +26,8 @@ SHAPE = ["--preset", "tiny", "--dim", "64", "--n_layers", "2", "--n_heads", "4",
          "--device", "cpu", "--sample_tokens", "0", "--eval_interval", "1000"]
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("rel") / "builtin"
-    assert prepare_main(["--builtin", "--builtin_stories", "300", "--tokenizer", "bpe:512", "--out", str(out),
-                         "--num_proc", "1"]) == 0
-    return out
-
-
-def train_cmd(data_dir: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "bin/train", "--data", str(data_dir), "--out", str(out), *SHAPE, *extra]
+def train_cmd(builtin_data: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "bin/train", "--data", str(builtin_data), "--out", str(out), *SHAPE, *extra]
 
 
 def start(cmd: list[str], **env: str) -> subprocess.Popen:
@@ -61,9 +53,9 @@ def steps_logged(run_dir: Path) -> list[int]:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_preemption_signal_checkpoints_and_exits_zero(data_dir, tmp_path, sig):
+def test_preemption_signal_checkpoints_and_exits_zero(builtin_data, tmp_path, sig):
     out = tmp_path / "run"
-    proc = start(train_cmd(data_dir, out, "--total_iters", "100000", "--save_interval", "100000"))
+    proc = start(train_cmd(builtin_data, out, "--total_iters", "100000", "--save_interval", "100000"))
     wait_for_line(proc, "stderr", "training 100000 steps")
     time.sleep(3)  # some steps
     proc.send_signal(sig)
@@ -74,15 +66,15 @@ def test_preemption_signal_checkpoints_and_exits_zero(data_dir, tmp_path, sig):
     stopped_at = checkpoint.load_state(ckpt)["step"]
     assert stopped_at >= 1 and steps_logged(out)[-1] == stopped_at
     # and the run continues from there
-    assert train_main([*train_cmd(data_dir, out, "--total_iters", str(stopped_at + 2), "--resume", "auto",
+    assert train_main([*train_cmd(builtin_data, out, "--total_iters", str(stopped_at + 2), "--resume", "auto",
                                   "--save_interval", "100000")[2:]]) == 0
     assert checkpoint.load_state(checkpoint.resolve(out))["step"] == stopped_at + 2
     assert steps_logged(out)[-3:] == [stopped_at, stopped_at + 1, stopped_at + 2]
 
 
-def test_sigkill_inside_a_save_keeps_the_previous_checkpoint(data_dir, tmp_path):
+def test_sigkill_inside_a_save_keeps_the_previous_checkpoint(builtin_data, tmp_path):
     out = tmp_path / "run"
-    proc = start(train_cmd(data_dir, out, "--total_iters", "8", "--save_interval", "2"),
+    proc = start(train_cmd(builtin_data, out, "--total_iters", "8", "--save_interval", "2"),
                  STORYLLAMA_TEST_PAUSE_IN_SAVE="step_000004")
     wait_for_line(proc, "stdout", "STORYLLAMA_TEST_PAUSED step_000004")
     proc.kill()
@@ -95,15 +87,15 @@ def test_sigkill_inside_a_save_keeps_the_previous_checkpoint(data_dir, tmp_path)
     model, _ = checkpoint.load_model(ckpt)  # complete and loadable
     assert checkpoint.load_state(ckpt)["step"] == 2
     # resume continues from step 2 and clears the debris
-    assert train_main(train_cmd(data_dir, out, "--total_iters", "4", "--save_interval", "2",
+    assert train_main(train_cmd(builtin_data, out, "--total_iters", "4", "--save_interval", "2",
                                 "--resume", "auto")[2:]) == 0
     assert (root / "latest").read_text().strip() == "step_000004"
     assert not list(root.glob(".tmp_*"))
 
 
-def test_full_disk_is_a_clear_error_and_keeps_earlier_checkpoints(data_dir, tmp_path):
+def test_full_disk_is_a_clear_error_and_keeps_earlier_checkpoints(builtin_data, tmp_path):
     probe = tmp_path / "probe"
-    assert train_main(train_cmd(data_dir, probe, "--total_iters", "1")[2:]) == 0
+    assert train_main(train_cmd(builtin_data, probe, "--total_iters", "1")[2:]) == 0
     one = sum(f.stat().st_size for f in checkpoint.resolve(probe).iterdir())
     mnt = tmp_path / "small_disk"
     mnt.mkdir()
@@ -113,7 +105,7 @@ def test_full_disk_is_a_clear_error_and_keeps_earlier_checkpoints(data_dir, tmp_
         pytest.skip(f"cannot mount a small tmpfs here to fill a disk for real: {r.stderr.decode().strip()}")
     try:
         out = mnt / "run"
-        res = subprocess.run(train_cmd(data_dir, out, "--total_iters", "20", "--save_interval", "1"), cwd=ROOT,
+        res = subprocess.run(train_cmd(builtin_data, out, "--total_iters", "20", "--save_interval", "1"), cwd=ROOT,
                              capture_output=True, text=True, timeout=300)
         assert res.returncode == 2, res.stderr[-2000:]
         assert "could not write a checkpoint" in res.stderr and "MB free" in res.stderr
@@ -125,19 +117,19 @@ def test_full_disk_is_a_clear_error_and_keeps_earlier_checkpoints(data_dir, tmp_
         subprocess.run(["umount", str(mnt)])
 
 
-def test_unwritable_run_directory_is_a_clear_error(data_dir, tmp_path):
+def test_unwritable_run_directory_is_a_clear_error(builtin_data, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
-    res = subprocess.run(train_cmd(data_dir, blocker / "run", "--total_iters", "2"), cwd=ROOT, capture_output=True,
+    res = subprocess.run(train_cmd(builtin_data, blocker / "run", "--total_iters", "2"), cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 2
     assert "Not a directory" in res.stderr and "Traceback" not in res.stderr
     assert blocker.read_text() == "not a directory"
 
 
-def test_a_nan_step_is_skipped_and_training_goes_on(data_dir, tmp_path):
+def test_a_nan_step_is_skipped_and_training_goes_on(builtin_data, tmp_path):
     out = tmp_path / "run"
-    res = subprocess.run(train_cmd(data_dir, out, "--total_iters", "5"), cwd=ROOT, capture_output=True, text=True,
+    res = subprocess.run(train_cmd(builtin_data, out, "--total_iters", "5"), cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, "STORYLLAMA_TEST_NAN_AT": "2"}, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "step 2: non-finite loss" in res.stderr and "update skipped (1/5)" in res.stderr
@@ -145,9 +137,9 @@ def test_a_nan_step_is_skipped_and_training_goes_on(data_dir, tmp_path):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_persistent_nan_stops_the_run_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, capsys):
+def test_persistent_nan_stops_the_run_and_keeps_the_last_good_checkpoint(builtin_data, tmp_path, capsys):
     out = tmp_path / "run"
-    assert train_main(train_cmd(data_dir, out, "--total_iters", "2")[2:]) == 0
+    assert train_main(train_cmd(builtin_data, out, "--total_iters", "2")[2:]) == 0
     good = checkpoint.resolve(out)
     # poison a copy of the weights for real: the resumed run's every loss is NaN
     weights = load_file(str(good / "model.safetensors"))
@@ -155,7 +147,7 @@ def test_persistent_nan_stops_the_run_and_keeps_the_last_good_checkpoint(data_di
     bad = out / "checkpoints" / "poisoned"
     shutil.copytree(good, bad)
     save_file(poisoned, str(bad / "model.safetensors"))
-    rc = train_main(train_cmd(data_dir, tmp_path / "run2", "--total_iters", "20", "--max_bad_steps", "3",
+    rc = train_main(train_cmd(builtin_data, tmp_path / "run2", "--total_iters", "20", "--max_bad_steps", "3",
                               "--resume", str(bad))[2:])
     err = capsys.readouterr().err
     assert rc == 2
@@ -164,9 +156,9 @@ def test_persistent_nan_stops_the_run_and_keeps_the_last_good_checkpoint(data_di
     assert load_file(str(good / "model.safetensors"))["norm.weight"].isfinite().all()
 
 
-def test_truncated_shard_is_named_before_training(data_dir, tmp_path, capsys):
+def test_truncated_shard_is_named_before_training(builtin_data, tmp_path, capsys):
     broken = tmp_path / "data"
-    shutil.copytree(data_dir, broken)
+    shutil.copytree(builtin_data, broken)
     shard = broken / "train_000000.bin"
     shard.write_bytes(shard.read_bytes()[:-1000])
     assert train_main(train_cmd(broken, tmp_path / "run", "--total_iters", "2")[2:]) == 2
@@ -175,9 +167,9 @@ def test_truncated_shard_is_named_before_training(data_dir, tmp_path, capsys):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-def test_resume_on_data_with_another_tokenizer_is_refused(data_dir, tmp_path, capsys):
+def test_resume_on_data_with_another_tokenizer_is_refused(builtin_data, tmp_path, capsys):
     out = tmp_path / "run"
-    assert train_main(train_cmd(data_dir, out, "--total_iters", "2")[2:]) == 0
+    assert train_main(train_cmd(builtin_data, out, "--total_iters", "2")[2:]) == 0
     other = tmp_path / "other"
     assert prepare_main(["--builtin", "--builtin_stories", "300", "--tokenizer", "bpe:600", "--out", str(other),
                          "--num_proc", "1"]) == 0
@@ -185,8 +177,9 @@ def test_resume_on_data_with_another_tokenizer_is_refused(data_dir, tmp_path, ca
     assert "tokenizer" in capsys.readouterr().err
 
 
-def test_shards_shorter_than_one_block_are_refused(data_dir, tmp_path, capsys):
-    assert train_main(train_cmd(data_dir, tmp_path / "run", "--total_iters", "2", "--block_size", "200000")[2:]) == 2
+def test_shards_shorter_than_one_block_are_refused(builtin_data, tmp_path, capsys):
+    cmd = train_cmd(builtin_data, tmp_path / "run", "--total_iters", "2", "--block_size", "200000")
+    assert train_main(cmd[2:]) == 2
     assert "block" in capsys.readouterr().err
 
 
@@ -202,12 +195,12 @@ def test_empty_validation_split_is_refused_before_training(tmp_path, capsys):
     assert "val" in capsys.readouterr().err.lower()
 
 
-def test_out_of_memory_suggests_a_smaller_micro_batch(data_dir, tmp_path, capsys, monkeypatch):
+def test_out_of_memory_suggests_a_smaller_micro_batch(builtin_data, tmp_path, capsys, monkeypatch):
     from storyllama.model import Llama
 
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     monkeypatch.setattr(Llama, "forward", oom)
-    assert train_main(train_cmd(data_dir, tmp_path / "run", "--total_iters", "2")[2:]) == 2
+    assert train_main(train_cmd(builtin_data, tmp_path / "run", "--total_iters", "2")[2:]) == 2
     assert "lower --batch_size" in capsys.readouterr().err

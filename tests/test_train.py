@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data_prep.prepare import main as prepare_main
 from storyllama import checkpoint
 from storyllama.config import TrainConfig
 from storyllama.train import main as train_main
@@ -21,16 +20,8 @@ SHAPE = ["--preset", "tiny", "--dim", "64", "--n_layers", "2", "--n_heads", "4",
          "--device", "cpu", "--sample_tokens", "8"]
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "builtin"
-    assert prepare_main(["--builtin", "--builtin_stories", "300", "--tokenizer", "bpe:512", "--out", str(out),
-                         "--num_proc", "1"]) == 0
-    return out
-
-
-def run(data_dir: Path, out: Path, *extra: str) -> int:
-    return train_main(["--data", str(data_dir), "--out", str(out), *SHAPE, *extra])
+def run(builtin_data: Path, out: Path, *extra: str) -> int:
+    return train_main(["--data", str(builtin_data), "--out", str(out), *SHAPE, *extra])
 
 
 def records(run_dir: Path, key: str) -> list[tuple[int, float]]:
@@ -38,9 +29,9 @@ def records(run_dir: Path, key: str) -> list[tuple[int, float]]:
     return [(r["step"], r[key]) for r in map(json.loads, lines) if key in r]
 
 
-def test_training_lowers_loss_and_writes_logs_plot_and_checkpoint(data_dir, tmp_path):
+def test_training_lowers_loss_and_writes_logs_plot_and_checkpoint(builtin_data, tmp_path):
     out = tmp_path / "run"
-    assert run(data_dir, out, "--total_iters", "30", "--eval_interval", "15", "--save_interval", "15",
+    assert run(builtin_data, out, "--total_iters", "30", "--eval_interval", "15", "--save_interval", "15",
                "--max_lr", "3e-3", "--warmup_iters", "3") == 0
     train = records(out, "loss")
     assert [s for s, _ in train] == list(range(1, 31))
@@ -64,25 +55,25 @@ def test_training_lowers_loss_and_writes_logs_plot_and_checkpoint(data_dir, tmp_
     from storyllama.data import TokenData, bytes_per_token, val_batches
     from storyllama.train import parse_config, train
 
-    cfg, args = parse_config(["--data", str(data_dir), "--out", str(out), *SHAPE, "--eval_only",
+    cfg, args = parse_config(["--data", str(builtin_data), "--out", str(out), *SHAPE, "--eval_only",
                               "--resume", str(ckpt)])
     summary = train(cfg, args)
-    val = TokenData(data_dir, "val")
+    val = TokenData(builtin_data, "val")
     with torch.no_grad():
         losses = [model(x, y).item() for x, y in val_batches(val, 4, 64)]
     assert summary["val_loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
     assert summary["val_bpb"] == pytest.approx(summary["val_loss"] / math.log(2) / bytes_per_token(val.meta))
 
 
-def test_resume_continues_exactly(data_dir, tmp_path):
+def test_resume_continues_exactly(builtin_data, tmp_path):
     """N steps straight == N/2 steps, stop, resume, N/2 more: same losses, same weights (with dropout and
     gradient accumulation, so the data position and random state must both be restored)."""
     common = ["--dropout", "0.1", "--total_batch_size", "512", "--warmup_iters", "0", "--min_lr_ratio", "1.0",
               "--eval_interval", "100", "--save_interval", "100"]
     straight, halves = tmp_path / "straight", tmp_path / "halves"
-    assert run(data_dir, straight, "--total_iters", "8", *common) == 0
-    assert run(data_dir, halves, "--total_iters", "4", *common) == 0
-    assert run(data_dir, halves, "--total_iters", "8", "--resume", "auto", *common) == 0
+    assert run(builtin_data, straight, "--total_iters", "8", *common) == 0
+    assert run(builtin_data, halves, "--total_iters", "4", *common) == 0
+    assert run(builtin_data, halves, "--total_iters", "8", "--resume", "auto", *common) == 0
     assert records(straight, "loss") == records(halves, "loss")
     a = load_file(str(checkpoint.resolve(straight) / "model.safetensors"))
     b = load_file(str(checkpoint.resolve(halves) / "model.safetensors"))
@@ -90,35 +81,35 @@ def test_resume_continues_exactly(data_dir, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
-def test_existing_run_needs_resume_flag(data_dir, tmp_path, capsys):
+def test_existing_run_needs_resume_flag(builtin_data, tmp_path, capsys):
     out = tmp_path / "run"
-    assert run(data_dir, out, "--total_iters", "2") == 0
-    assert run(data_dir, out, "--total_iters", "4") == 2
+    assert run(builtin_data, out, "--total_iters", "2") == 0
+    assert run(builtin_data, out, "--total_iters", "4") == 2
     assert "--resume auto" in capsys.readouterr().err
 
 
-def test_resume_with_a_different_shape_is_refused(data_dir, tmp_path, capsys):
+def test_resume_with_a_different_shape_is_refused(builtin_data, tmp_path, capsys):
     out = tmp_path / "run"
-    assert run(data_dir, out, "--total_iters", "2") == 0
-    assert run(data_dir, out, "--total_iters", "4", "--resume", "auto", "--dim", "128") == 2
+    assert run(builtin_data, out, "--total_iters", "2") == 0
+    assert run(builtin_data, out, "--total_iters", "4", "--resume", "auto", "--dim", "128") == 2
     err = capsys.readouterr().err
     assert "dim: checkpoint 64, flags 128" in err
 
 
-def test_accumulation_that_does_not_divide_says_the_numbers(data_dir, tmp_path, capsys):
-    assert run(data_dir, tmp_path / "run", "--total_iters", "2", "--total_batch_size", "1000") == 2
+def test_accumulation_that_does_not_divide_says_the_numbers(builtin_data, tmp_path, capsys):
+    assert run(builtin_data, tmp_path / "run", "--total_iters", "2", "--total_batch_size", "1000") == 2
     err = capsys.readouterr().err
     assert "1000" in err and "4 x 64 x 1 = 256" in err
 
 
-def test_unknown_preset_suggests_close_names(data_dir, tmp_path, capsys):
-    assert train_main(["--data", str(data_dir), "--out", str(tmp_path / "r"), "--preset", "stories15"]) == 2
+def test_unknown_preset_suggests_close_names(builtin_data, tmp_path, capsys):
+    assert train_main(["--data", str(builtin_data), "--out", str(tmp_path / "r"), "--preset", "stories15"]) == 2
     assert "stories15m" in capsys.readouterr().err
 
 
-def test_seed_flag_names_still_work(data_dir, tmp_path):
+def test_seed_flag_names_still_work(builtin_data, tmp_path):
     out = tmp_path / "run"
-    assert train_main(["--data", str(data_dir), "--out", str(out), "--device", "cpu", "--embeddings_dims", "64",
+    assert train_main(["--data", str(builtin_data), "--out", str(out), "--device", "cpu", "--embeddings_dims", "64",
                        "--no_of_heads", "4", "--no_kv_heads", "2", "--no_of_decoder_layers", "2", "--block_size", "64",
                        "--hidden_dim", "128", "--batch_size", "2", "--total_iters", "2", "--max_lr", "1e-3",
                        "--weight_decay_optim", "0.05", "--beta_1", "0.8", "--beta_2", "0.9", "--clip", "0.5",
