@@ -180,8 +180,12 @@ def peak_tflops() -> float | None:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
-def train_88m(kernels: str, fused_ce: bool, batch: int = 32, steps: int = 20, warmup: int = 3) -> dict:
-    """storyllama-88m, torch.compile, bf16 autocast, fused AdamW: tokens/s and MFU over `steps` steps."""
+def train_88m(kernels: str, fused_ce: bool, batch: int = 32, steps: int = 20, warmup: int = 3,
+              ddp: bool = False) -> dict:
+    """storyllama-88m, torch.compile, bf16 autocast, fused AdamW: tokens/s and MFU over `steps` steps.
+    ddp: wrap in DistributedDataParallel in a one-process NCCL group (its overhead against no DDP)."""
+    import torch.distributed as dist
+
     from storyllama.config import preset
     from storyllama.model import Llama
 
@@ -189,7 +193,14 @@ def train_88m(kernels: str, fused_ce: bool, batch: int = 32, steps: int = 20, wa
     cfg = preset("storyllama-88m")
     model = Llama(cfg, kernels=kernels, fused_ce=fused_ce).cuda()
     opt = torch.optim.AdamW(model.param_groups(0.1), lr=3e-4, fused=True)
-    compiled = torch.compile(model)
+    wrapped = model
+    if ddp:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29533")
+        dist.init_process_group("nccl", rank=0, world_size=1)
+        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()],
+                                                            gradient_as_bucket_view=True)
+    compiled = torch.compile(wrapped)
     x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device="cuda")
     y = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device="cuda")
 
@@ -209,9 +220,11 @@ def train_88m(kernels: str, fused_ce: bool, batch: int = 32, steps: int = 20, wa
         step()
     torch.cuda.synchronize()
     tps = batch * cfg.block_size * steps / (time.perf_counter() - t0)
+    if ddp:
+        dist.destroy_process_group()
     peak = peak_tflops()
     mfu = cfg.flops_per_token() * tps / (peak * 1e12) if peak else None
-    return {"kernels": kernels, "fused_ce": fused_ce, "tok_per_s": tps, "MFU": mfu,
+    return {"kernels": kernels, "fused_ce": fused_ce, "ddp": ddp, "tok_per_s": tps, "MFU": mfu,
             "peak_mem_GB": torch.cuda.max_memory_allocated() / 2**30}  # fmt: skip
 
 
@@ -282,12 +295,17 @@ def gpu_table() -> str:
                         f"{res['compiled']['ms'] / r['ms']:10.2f}x")  # fmt: skip
         print(rows[-1], flush=True)
     rows += ["", "storyllama-88m training (compile, bf16 autocast, batch 32 x 512)", "-" * 66]
-    for kernels, fused in (("reference", False), ("triton", True)):
-        r = train_88m(kernels, fused)
+    results = []
+    for kernels, fused, ddp in (("reference", False, False), ("triton", True, False), ("triton", True, True)):
+        r = train_88m(kernels, fused, ddp=ddp)
+        results.append(r)
         mfu = f"{100 * r['MFU']:.1f}%" if r["MFU"] is not None else "n/a (unknown GPU peak)"
-        rows.append(f"kernels={kernels:<9} fused_ce={fused!s:<5} {r['tok_per_s']:>12,.0f} tok/s  MFU {mfu}  "
-                    f"peak {r['peak_mem_GB']:.1f} GB")  # fmt: skip
+        rows.append(f"kernels={kernels:<9} fused_ce={fused!s:<5} ddp={ddp!s:<5} {r['tok_per_s']:>12,.0f} tok/s  "
+                    f"MFU {mfu}  peak {r['peak_mem_GB']:.1f} GB")  # fmt: skip
         print(rows[-1], flush=True)
+    rows.append(f"DDP (world size 1) overhead: {100 * (1 - results[2]['tok_per_s'] / results[1]['tok_per_s']):.1f}% "
+                "(target < 3%)")
+    print(rows[-1], flush=True)
     return "\n".join(rows)
 
 
