@@ -274,10 +274,11 @@ def _train(cfg: TrainConfig, args: argparse.Namespace, d: Dist, device: torch.de
         checkpoint.load_optimizer(optimizer, ckpt)
         step, tokens_seen = state["step"], state["tokens_seen"]
         best_val = state.get("best_val_loss", math.inf)
-        batches.load_state_dict(state["data"][str(d.rank)] if str(d.rank) in state["data"] else state["data"]["0"])
-        if state.get("world_size", 1) != d.world_size:
-            raise ValueError(f"{ckpt} was written by {state.get('world_size')} processes; resume with the same "
-                             f"number (got {d.world_size}) so every rank continues its own data stream")
+        if not cfg.eval_only:  # (scoring alone does not need the training stream's position)
+            if state.get("world_size", 1) != d.world_size:
+                raise ValueError(f"{ckpt} was written by {state.get('world_size')} processes; resume with the same "
+                                 f"number (got {d.world_size}) so every rank continues its own data stream")
+            batches.load_state_dict(state["data"][str(d.rank)])
 
     raw_model = model
     ddp_model = None

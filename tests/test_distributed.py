@@ -18,7 +18,10 @@ import torch
 from storyllama import checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+# The README's launcher: the `torchrun` beside this interpreter (the same as python -m torch.distributed.run).
+_torchrun = Path(sys.executable).parent / "torchrun"
+_launcher = [str(_torchrun)] if _torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
+TORCHRUN = [*_launcher, "--standalone", "--nproc_per_node=2"]
 SHAPE = ["--preset", "tiny", "--dim", "64", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2",
          "--hidden_dim", "128", "--block_size", "64", "--eval_iters", "2", "--log_interval", "1", "--device", "cpu",
          "--sample_tokens", "0", "--dropout", "0.0", "--warmup_iters", "0", "--min_lr_ratio", "1.0",
