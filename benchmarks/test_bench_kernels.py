@@ -169,15 +169,11 @@ def ce_speed(impl: str, N: int = 16 * 512, C: int = 512, V: int = 50304) -> dict
 
 # ---------------------------------------------------------------------- CUDA: storyllama-88m training
 
-PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "GH200": 989.4, "A100": 312.0, "L40S": 362.1,
-                    "A10G": 70.0, "L4": 121.0, "4090": 165.2}  # dense bf16 spec sheets  # fmt: skip
-
-
 def peak_tflops() -> float | None:
-    if os.environ.get("STORYLLAMA_PEAK_TFLOPS"):
-        return float(os.environ["STORYLLAMA_PEAK_TFLOPS"])
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    from storyllama.train import peak_flops
+
+    peak = peak_flops(torch.device("cuda"))
+    return peak / 1e12 if peak else None
 
 
 def train_88m(kernels: str, fused_ce: bool, batch: int = 32, steps: int = 20, warmup: int = 3,

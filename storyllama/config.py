@@ -212,6 +212,13 @@ SEED_ALIASES: dict[str, list[str]] = {
 }
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr (no usage dump), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def _parse_bool(s: str) -> bool:
     v = s.lower()
     if v in ("1", "true", "yes", "on"):

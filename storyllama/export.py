@@ -12,7 +12,6 @@ and renamed when complete.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from storyllama.checkpoint import TOKENIZER_FILES, WEIGHTS, CheckpointError, load_model_config, resolve
-from storyllama.config import ModelConfig
+from storyllama.config import ModelConfig, OneLineErrorParser
 from storyllama.hf import hf_config_dict, to_hf_state_dict
 
 _README = """\
@@ -133,13 +132,9 @@ def export(path: str | Path, out: str | Path) -> Path:
     return out
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line on stderr, exit 2
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def main(argv: list[str] | None = None, prog: str = "export") -> int:
-    p = _Parser(prog=prog, description="Export a StoryLlama checkpoint to a Hugging Face LlamaForCausalLM directory.")
+    p = OneLineErrorParser(prog=prog,
+                           description="Export a StoryLlama checkpoint to a Hugging Face LlamaForCausalLM directory.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="run directory: exports its latest checkpoint")
     src.add_argument("--checkpoint", help="a checkpoint directory")

@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from storyllama.config import SampleConfig, add_dataclass_args, given
+from storyllama.config import OneLineErrorParser, SampleConfig, add_dataclass_args, given
 from storyllama.model import Llama
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -463,13 +463,8 @@ class TextStream:
 
 
 # -- command line ----------------------------------------------------------------------------------------
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line on stderr, exit 2
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser(prog: str = "sample") -> argparse.ArgumentParser:
-    p = _Parser(prog=prog, description="Sample stories from a StoryLlama checkpoint (KV-cached).")
+    p = OneLineErrorParser(prog=prog, description="Sample stories from a StoryLlama checkpoint (KV-cached).")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="run directory: samples from its latest checkpoint")
     src.add_argument("--checkpoint", help="a checkpoint directory (RUN_DIR/checkpoints/step_NNNNNN)")

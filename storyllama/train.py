@@ -37,8 +37,9 @@ from storyllama.model import Llama
 
 log = logging.getLogger("storyllama")
 
-# Dense bf16 peak FLOP/s by GPU name, for MFU.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
+# Dense bf16 peak FLOP/s by GPU name (spec sheets), for MFU; STORYLLAMA_PEAK_TFLOPS overrides.
+PEAK_BF16_FLOPS = {"H200": 989.4e12, "H100": 989.4e12, "H800": 989.4e12, "GH200": 989.4e12, "A100": 312e12,
+                   "L40S": 362.1e12, "A10G": 70e12, "L4": 121e12, "4090": 165.2e12}
 
 
 class TrainingError(RuntimeError):
@@ -313,7 +314,7 @@ def _train(cfg: TrainConfig, args: argparse.Namespace, d: Dist, device: torch.de
     wandb_run = _init_wandb(cfg, mcfg, run_dir) if (cfg.wandb and d.master) else None
     metrics_path = run_dir / "metrics.jsonl"
     n_params = mcfg.num_params()
-    peak = _peak_flops(device)
+    peak = peak_flops(device)
     bpt = bytes_per_token(meta, "val")
     if d.master:
         log.info("model: %s, %.2fM parameters (%s tied embeddings), context %d, vocab %d",
@@ -523,9 +524,12 @@ def _append_jsonl(path: Path, rec: dict) -> None:
         f.write(json.dumps(rec) + "\n")
 
 
-def _peak_flops(device: torch.device) -> float | None:
+def peak_flops(device: torch.device) -> float | None:
+    """The GPU's dense bf16 peak FLOP/s, or None where unknown (no MFU then)."""
     if device.type != "cuda":
         return None
+    if os.environ.get("STORYLLAMA_PEAK_TFLOPS"):
+        return float(os.environ["STORYLLAMA_PEAK_TFLOPS"]) * 1e12
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
