@@ -284,8 +284,11 @@ def _train(cfg: TrainConfig, args: argparse.Namespace, d: Dist, device: torch.de
     raw_model = model
     ddp_model = None
     if d.enabled:
+        # broadcast_buffers=False: the only buffers are the RoPE tables, identical on every rank; broadcasting
+        # them would cost a collective per forward (and a graph break under torch.compile).
         model = ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+            model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
+            broadcast_buffers=False)
         if on_ddp is not None:
             on_ddp(ddp_model)
     if compile_:

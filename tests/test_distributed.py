@@ -73,6 +73,20 @@ def test_two_ranks_equal_one_process_on_the_same_global_batch(builtin_data, tmp_
         assert len(rec["calls"]) == 4 * len(buckets), rec
 
 
+def test_compiled_ddp_still_all_reduces_once_per_step(builtin_data, tmp_path):
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    res = launch([*TORCHRUN, "tests/ddp_worker.py", "--data", str(builtin_data), "--out", str(tmp_path / "run"),
+                  *SHAPE, "--total_iters", "3", "--total_batch_size", str(2 * 2 * 2 * 64), "--batch_size", "2",
+                  "--compile"], env={"DUMP_DIR": str(dump)})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Dynamo does not know how to trace" not in res.stderr  # no graph break around DDP
+    w0, w1 = torch.load(dump / "rank0.pt"), torch.load(dump / "rank1.pt")
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    calls = json.loads((dump / "rank0.json").read_text())["calls"]
+    assert len(calls) == 3 * len(set(calls))
+
+
 def test_two_rank_run_resumes_exactly(builtin_data, tmp_path):
     straight, halves = tmp_path / "straight", tmp_path / "halves"
     common = ["--data", str(builtin_data), *SHAPE, "--batch_size", "2", "--total_batch_size", str(2 * 2 * 2 * 64)]
