@@ -8,9 +8,9 @@ logits (by default about the size of W) plus the fp32 grad_W accumulator, instea
 buffers.
 
 Reads top to bottom: the Triton loss/gradient kernel and its launcher, the same step in torch ops, the
-chunk loop, the two torch ops (`storyllama::linear_cross_entropy`, Triton step where eligible;
-`storyllama::linear_cross_entropy_chunked`, torch step: the CPU path) with autograd and fake
-implementations, and the plain unfused reference.
+chunk loop, the torch op `storyllama::linear_cross_entropy` with autograd and fake implementations
+(its `allow_triton` argument picks the Triton step where eligible, or the torch step: the CPU path),
+and the plain unfused reference.
 
 Reductions: "mean" divides by the number of non-ignored targets in this call (NaN when there are none,
 as F.cross_entropy); "sum" does not divide. Under gradient accumulation with varying numbers of
@@ -172,7 +172,7 @@ def _chunked_loss_and_grads(
 # ---- torch ops: autograd scales the saved gradients; fake gives the shapes ----
 
 
-def _fake(x, weight, targets, ignore_index, reduction, chunk_size, compute_grad):
+def _fake(x, weight, targets, ignore_index, reduction, chunk_size, compute_grad, allow_triton):
     loss = x.new_empty((), dtype=torch.float32)
     if compute_grad:
         return loss, x.new_empty(x.shape), weight.new_empty(weight.shape)
@@ -180,7 +180,7 @@ def _fake(x, weight, targets, ignore_index, reduction, chunk_size, compute_grad)
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.compute_grad = inputs[-1]
+    ctx.compute_grad = inputs[6]
     ctx.save_for_backward(output[1], output[2])
     ctx.mark_non_differentiable(output[1], output[2])
     ctx.set_materialize_grads(False)  # no zero-filled (V, C) "gradient" for the grad_w output in backward
@@ -191,8 +191,8 @@ def _backward(ctx, dloss, _dgrad_x, _dgrad_w):
         raise RuntimeError("linear_cross_entropy ran without gradients (no_grad or no input needing grad)")
     grad_x, grad_w = ctx.saved_tensors
     if dloss is None:  # the loss itself was not used
-        return None, None, None, None, None, None, None
-    return grad_x * dloss, grad_w * dloss, None, None, None, None, None
+        return (None,) * 8
+    return grad_x * dloss, grad_w * dloss, None, None, None, None, None, None
 
 
 @torch.library.custom_op("storyllama::linear_cross_entropy", mutates_args=())
@@ -204,35 +204,24 @@ def linear_cross_entropy_op(
     reduction: str,
     chunk_size: int,
     compute_grad: bool,
+    allow_triton: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    triton_step = use_triton("linear_cross_entropy", x, weight)
+    """allow_triton=False keeps the per-chunk step in torch ops (the CPU reference path)."""
+    triton_step = allow_triton and use_triton("linear_cross_entropy", x, weight)
     return _chunked_loss_and_grads(x, weight, targets, ignore_index, reduction, chunk_size, compute_grad, triton_step)
 
 
-@torch.library.custom_op("storyllama::linear_cross_entropy_chunked", mutates_args=())
-def linear_cross_entropy_chunked_op(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    ignore_index: int,
-    reduction: str,
-    chunk_size: int,
-    compute_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _chunked_loss_and_grads(x, weight, targets, ignore_index, reduction, chunk_size, compute_grad, False)
+linear_cross_entropy_op.register_fake(_fake)
+linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-for _op in (linear_cross_entropy_op, linear_cross_entropy_chunked_op):
-    _op.register_fake(_fake)
-    _op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _call(op, x, weight, targets, ignore_index, reduction, chunk_size):
+def _call(allow_triton, x, weight, targets, ignore_index, reduction, chunk_size):
     if x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
         x = x.to(torch.get_autocast_dtype(x.device.type))  # the matmuls in autocast's dtype, as F.linear would
     compute_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     x2 = x.reshape(-1, x.shape[-1])  # (N, C)
-    return op(x2, weight, targets.reshape(-1), ignore_index, reduction, chunk_size or 0, compute_grad)[0]
+    return linear_cross_entropy_op(x2, weight, targets.reshape(-1), ignore_index, reduction, chunk_size or 0,
+                                   compute_grad, allow_triton)[0]
 
 
 def linear_cross_entropy(
@@ -245,7 +234,7 @@ def linear_cross_entropy(
 ) -> torch.Tensor:
     """Fused linear + CE as a torch op, Triton loss/gradient step (torch step where Triton is not eligible).
     x (N, C) or (..., C), weight (V, C), targets (N,) or (...) -> loss () fp32."""
-    return _call(linear_cross_entropy_op, x, weight, targets, ignore_index, reduction, chunk_size)
+    return _call(True, x, weight, targets, ignore_index, reduction, chunk_size)
 
 
 def linear_cross_entropy_chunked(
@@ -257,7 +246,7 @@ def linear_cross_entropy_chunked(
     chunk_size: int | None = None,
 ) -> torch.Tensor:
     """The same chunked fused linear + CE in torch ops only (CPU's `--fused_ce`). Same arguments."""
-    return _call(linear_cross_entropy_chunked_op, x, weight, targets, ignore_index, reduction, chunk_size)
+    return _call(False, x, weight, targets, ignore_index, reduction, chunk_size)
 
 
 # ---- plain unfused reference ----
