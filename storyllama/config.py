@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import math
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, get_type_hints
 
 
@@ -269,7 +269,3 @@ def given(ns: argparse.Namespace, cls: type) -> dict[str, Any]:
     """The fields of `cls` that were given on the command line."""
     names = {f.name for f in fields(cls)}
     return {k: v for k, v in vars(ns).items() if k in names and v is not None}
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    return asdict(cfg)

@@ -144,12 +144,6 @@ class Llama(nn.Module):
     def lm_head_weight(self) -> torch.Tensor:
         return self.tok_embeddings.weight if self.output is None else self.output.weight
 
-    def set_kernels(self, kernels: str) -> None:
-        ops = get_ops(kernels)
-        for m in self.modules():
-            if hasattr(m, "ops"):
-                m.ops = ops
-
     # -- forward -------------------------------------------------------------------------------------
     def hidden_states(self, idx: torch.Tensor, positions: torch.Tensor | None = None,
                       cache_pos: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
