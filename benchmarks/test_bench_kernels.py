@@ -170,7 +170,7 @@ def ce_speed(impl: str, N: int = 16 * 512, C: int = 512, V: int = 50304) -> dict
 # ---------------------------------------------------------------------- CUDA: storyllama-88m training
 
 def peak_tflops() -> float | None:
-    from storyllama.train import peak_flops
+    from storyllama.metrics import peak_flops
 
     peak = peak_flops(torch.device("cuda"))
     return peak / 1e12 if peak else None

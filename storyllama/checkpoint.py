@@ -7,18 +7,25 @@
         trainer_state.json    step, tokens seen, data position, both configs, best validation loss
                               (random state needs no file: dropout is seeded from (seed, step, rank))
         meta.json, tokenizer.tiktoken   the data's tokenizer, so a checkpoint samples on its own
+        checksums.json        sha256 of every other file, checked when a file is loaded
     RUN_DIR/checkpoints/latest         a text file naming the newest complete checkpoint
     RUN_DIR/checkpoints/best           the same, for the lowest validation loss (when kept)
 
-Only complete directories ever carry the `step_` name; `latest` is replaced atomically after the
-rename, so a process killed at any moment leaves the previous checkpoint whole and pointed to.
+Only complete directories ever carry the `step_` name, and a complete directory is never replaced in
+place: a second save of the same step (after resuming from an older checkpoint) takes the name
+`step_NNNNNN.1` (.2, ...). `latest` is replaced atomically after the rename and names a complete
+checkpoint at every instant, so a process killed at any moment leaves one whole and pointed to.
 """
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import logging
 import os
+import pickle
+import re
 import shutil
 import time
 from pathlib import Path
@@ -26,16 +33,29 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from data_prep.tokenizer import file_sha256
 from storyllama.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
 WEIGHTS, MODEL_CONFIG, OPTIMIZER, STATE = "model.safetensors", "model_config.json", "optimizer.pt", "trainer_state.json"
+CHECKSUMS = "checksums.json"
 TOKENIZER_FILES = ("meta.json", "tokenizer.tiktoken")
+_NAME = re.compile(r"step_(\d+)(?:\.(\d+))?$")
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that is missing, partial or does not fit what is asked of it."""
+    """A checkpoint that is missing, partial, damaged or does not fit what is asked of it."""
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed for an I/O reason (disk full, permissions, ...); the message says which."""
+
+
+def step_of(name: str) -> tuple[int, int] | None:
+    """(step, re-save number) of a checkpoint directory name, or None for anything else."""
+    m = _NAME.match(name)
+    return (int(m.group(1)), int(m.group(2) or 0)) if m else None
 
 
 def _write_pointer(path: Path, name: str) -> None:
@@ -54,41 +74,26 @@ def _pause_for_tests(name: str) -> None:
 
 def save(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
          state: dict, data_dir: str | Path | None = None, keep_last: int = 3, is_best: bool = False) -> Path:
-    """Write checkpoint `step_NNNNNN` atomically, point `latest` (and `best`) at it, prune old ones."""
+    """Write checkpoint `step_NNNNNN` atomically, point `latest` (and `best`) at it, prune old ones.
+
+    Raises CheckpointWriteError when the files cannot be written (the message says why, with the free
+    space when the disk is full); earlier checkpoints and the pointers are untouched then."""
     ckpt_root = Path(run_dir) / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    name = f"step_{step:06d}"
+    name = _free_name(ckpt_root, step)
     final = ckpt_root / name
     for stale in ckpt_root.glob(".tmp_*"):  # left by a save that was killed: never a checkpoint
         shutil.rmtree(stale, ignore_errors=True)
     tmp = ckpt_root / f".tmp_{name}_{os.getpid()}"
-    tmp.mkdir()
     try:
-        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(weights, str(tmp / WEIGHTS))
-        cfg: ModelConfig = model.cfg
-        (tmp / MODEL_CONFIG).write_text(json.dumps(cfg.__dict__, indent=2) + "\n")
-        if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
-        (tmp / STATE).write_text(json.dumps(state, indent=2) + "\n")
-        for fname in TOKENIZER_FILES:
-            src = Path(data_dir or "") / fname
-            if data_dir is not None and src.is_file():
-                shutil.copy2(src, tmp / fname)
+        tmp.mkdir()
+        _write_files(tmp, model, optimizer, state, data_dir)
         _pause_for_tests(name)
-        for f in tmp.iterdir():  # durable before the rename makes it visible
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if final.exists():  # a re-save of the same step (e.g. after resume): replace it
-            shutil.rmtree(final)
         os.replace(tmp, final)
-    except Exception as e:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        # A full disk surfaces as OSError from some writers and RuntimeError from torch.save's zip writer.
-        free = shutil.disk_usage(ckpt_root).free
-        raise OSError(f"writing checkpoint {final} failed ({e}); {free / 1e6:.1f} MB free on that disk") from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise CheckpointWriteError(_write_failure_message(final, e, ckpt_root)) from e
         raise
     _write_pointer(ckpt_root / "latest", name)
     if is_best:
@@ -97,10 +102,78 @@ def save(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torc
     return final
 
 
+def _free_name(ckpt_root: Path, step: int) -> str:
+    """step_NNNNNN, or step_NNNNNN.K for the first free K when that step was saved before (never replace a
+    complete checkpoint in place: `latest` may name it)."""
+    name, k = f"step_{step:06d}", 0
+    while (ckpt_root / name).exists():
+        k += 1
+        name = f"step_{step:06d}.{k}"
+    return name
+
+
+def _write_files(tmp: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, state: dict,
+                 data_dir: str | Path | None) -> None:
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(weights, str(tmp / WEIGHTS))
+    cfg: ModelConfig = model.cfg
+    (tmp / MODEL_CONFIG).write_text(json.dumps(cfg.__dict__, indent=2) + "\n")
+    if optimizer is not None:
+        # Serialised in memory, then written by Python: a failed write (a full disk) is then an OSError that
+        # says so, where torch.save's zip writer reports it as an unrelated RuntimeError.
+        buf = io.BytesIO()
+        torch.save(optimizer.state_dict(), buf)
+        (tmp / OPTIMIZER).write_bytes(buf.getbuffer())
+    (tmp / STATE).write_text(json.dumps(state, indent=2) + "\n")
+    for fname in TOKENIZER_FILES:
+        src = Path(data_dir or "") / fname
+        if data_dir is not None and src.is_file():
+            shutil.copy2(src, tmp / fname)
+    write_checksums(tmp)
+    for f in tmp.iterdir():  # durable before the rename makes it visible
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def write_checksums(ckpt: Path) -> None:
+    """checksums.json: the sha256 of every file in `ckpt` (any tool that writes a checkpoint calls this last)."""
+    sums = {f.name: file_sha256(f) for f in sorted(ckpt.iterdir()) if f.is_file() and f.name != CHECKSUMS}
+    (ckpt / CHECKSUMS).write_text(json.dumps(sums, indent=2) + "\n")
+
+
+def verify(ckpt: Path, fname: str) -> Path:
+    """The path of `fname` in `ckpt` after checking it against checksums.json (when the checkpoint has one)."""
+    path = ckpt / fname
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {ckpt} is incomplete: {fname} is missing")
+    try:
+        expected = json.loads((ckpt / CHECKSUMS).read_text()).get(fname)
+    except FileNotFoundError:
+        return path  # written before checksums existed
+    except ValueError:
+        raise CheckpointError(f"{ckpt / CHECKSUMS} is damaged (not JSON); use an earlier checkpoint") from None
+    if expected is not None and file_sha256(path) != expected:
+        raise CheckpointError(f"{path} is damaged: its sha256 differs from the one recorded when it was saved; "
+                              "use an earlier checkpoint")
+    return path
+
+
+def _write_failure_message(final: Path, e: OSError, ckpt_root: Path) -> str:
+    reason = e.strerror or str(e)
+    try:
+        free = shutil.disk_usage(ckpt_root).free
+    except OSError:
+        free = None
+    full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+    where = f"; {free / 1e6:.1f} MB free on that disk" if full and free is not None else ""
+    return f"writing checkpoint {final} failed: {reason}{where}"
+
+
 def _prune(ckpt_root: Path, keep_last: int) -> None:
+    """Keep the newest keep_last checkpoints by step (and whatever `latest`/`best` name)."""
     keep = {_read_pointer(ckpt_root / p) for p in ("latest", "best")}
-    steps = sorted(p.name for p in ckpt_root.glob("step_*") if p.is_dir())
-    for old in steps[:-keep_last]:
+    found = sorted((step_of(p.name), p.name) for p in ckpt_root.iterdir() if p.is_dir() and step_of(p.name))
+    for _, old in found[:-keep_last]:
         if old not in keep:
             shutil.rmtree(ckpt_root / old, ignore_errors=True)
 
@@ -131,16 +204,30 @@ def resolve(path: str | Path, which: str = "latest") -> Path:
 
 
 def load_model_config(ckpt: Path) -> ModelConfig:
-    return ModelConfig(**json.loads((ckpt / MODEL_CONFIG).read_text()))
+    path = verify(ckpt, MODEL_CONFIG)
+    try:
+        return ModelConfig(**json.loads(path.read_text()))
+    except (ValueError, TypeError) as e:  # not JSON, unknown keys, or values ModelConfig refuses
+        raise CheckpointError(f"{path} is not a model configuration this version can use: {e}") from None
+
+
+def read_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights as a plain state dict (CPU tensors), checked against checksums.json."""
+    path = verify(ckpt, WEIGHTS)
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for cut or corrupt files
+        raise CheckpointError(f"cannot read {path}: {e}; the file is damaged, use an earlier checkpoint") from e
 
 
 def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
+    state = read_weights(ckpt)
     try:
-        state = load_file(str(ckpt / WEIGHTS))
-    except Exception as e:  # safetensors raises its own error types for cut or corrupt files
-        raise CheckpointError(f"cannot read {ckpt / WEIGHTS}: {e}; the file is damaged, use an earlier "
-                              "checkpoint") from e
-    missing, unexpected = model.load_state_dict(state, strict=False)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes that differ from model_config.json's
+        first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+        raise CheckpointError(f"{ckpt / WEIGHTS} does not match {ckpt / MODEL_CONFIG} ({first}); the checkpoint "
+                              "is inconsistent, use another one") from None
     if missing or unexpected:
         raise CheckpointError(f"{ckpt / WEIGHTS} does not fit this model: missing {missing[:4]}, "
                               f"unexpected {unexpected[:4]}")
@@ -159,8 +246,17 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
 
 
 def load_state(ckpt: Path) -> dict:
-    return json.loads((ckpt / STATE).read_text())
+    path = verify(ckpt, STATE)
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        raise CheckpointError(f"{path} is damaged (not JSON); use an earlier checkpoint") from None
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, ckpt: Path) -> None:
-    optimizer.load_state_dict(torch.load(ckpt / OPTIMIZER, map_location="cpu", weights_only=True))
+    path = verify(ckpt, OPTIMIZER)
+    try:
+        optimizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except (RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as e:
+        raise CheckpointError(f"cannot load the optimizer state {path}: {str(e).splitlines()[0]}; the file is "
+                              "damaged or from another model, use an earlier checkpoint") from None

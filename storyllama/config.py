@@ -51,6 +51,9 @@ class ModelConfig:
             raise ValueError(f"head_dim = dim / n_heads = {self.dim // self.n_heads} must be even for RoPE")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("norm_eps", "rope_theta"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"{name} must be a finite positive number, got {getattr(self, name)}")
 
     @property
     def head_dim(self) -> int:
@@ -117,11 +120,11 @@ class TrainConfig:
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
-    clip: float = 1.0
+    clip: float = 1.0  # gradient-norm clipping; 0: none
     # evaluation, logging, checkpoints
     eval_interval: int = 100
     eval_iters: int = 20  # validation batches per eval (0: the whole split)
-    log_interval: int = 10
+    log_interval: int = 10  # also how often the host reads the device (loss, skipped steps, the stop agreement)
     save_interval: int = 100
     keep_last: int = 3
     keep_best: bool = True  # also keep the checkpoint with the lowest validation loss as `best`
@@ -148,10 +151,21 @@ class TrainConfig:
     def __post_init__(self) -> None:
         checks = {"batch_size": self.batch_size, "total_iters": self.total_iters, "max_lr": self.max_lr,
                   "eval_interval": self.eval_interval, "save_interval": self.save_interval,
-                  "keep_last": self.keep_last, "max_bad_steps": self.max_bad_steps}
+                  "log_interval": self.log_interval, "keep_last": self.keep_last, "max_bad_steps": self.max_bad_steps}
+        for opt in ("total_batch_size", "epochs", "max_time"):
+            if getattr(self, opt) is not None:
+                checks[opt] = getattr(self, opt)
         for k, v in checks.items():
-            if v <= 0:
-                raise ValueError(f"--{k} must be positive, got {v}")
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"--{k} must be a finite positive number, got {v}")
+        for k in ("weight_decay", "clip", "temperature"):
+            v = getattr(self, k)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"--{k} must be a finite number >= 0{' (0: no clipping)' if k == 'clip' else ''}, "
+                                 f"got {v}")
+        for k in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, k) < 1.0:
+                raise ValueError(f"--{k} must be in [0, 1), got {getattr(self, k)}")
         if self.warmup_iters < 0 or self.eval_iters < 0 or self.sample_tokens < 0:
             raise ValueError("--warmup_iters, --eval_iters and --sample_tokens must be >= 0")
         if not 0.0 <= self.min_lr_ratio <= 1.0:

@@ -3,26 +3,32 @@
     python bin/train --data data/builtin --out runs/demo --preset tiny
     torchrun --standalone --nproc_per_node=gpu bin/train --data ... --out ...
 
+Read it top to bottom: `resolve_config` (a resumed run takes its settings from its checkpoint),
+`build_run` (data, model, optimizer, DDP, compile), `train_step` (one optimizer step), then `train`,
+the loop, with `report`, `evaluate` and `save` beside it.
+
 Every optimizer step accumulates `grad_accum` micro-batches; the non-final ones run under
 `model.no_sync()`, so DDP all-reduces once per step, overlapped with the last backward pass by its
-buckets. Only rank 0 logs, plots, samples, talks to W&B and writes checkpoints.
+buckets. The step never waits for the device: a non-finite loss or gradient skips the update on the
+device (fused AdamW's `found_inf`), the next batch is copied while the current one computes, and
+the host reads the device only every `--log_interval` steps (the loss, the skipped steps and, under
+DDP, the stop agreement). Only rank 0 logs, plots, samples, talks to W&B and writes checkpoints.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
+import copy
 import json
 import logging
 import math
 import os
 import shutil
-import signal
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields, replace
+from collections import Counter
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -31,470 +37,62 @@ from tqdm import tqdm
 
 from kernels import resolve_backend
 from storyllama import checkpoint
-from storyllama.config import ModelConfig, TrainConfig, add_dataclass_args, given, pad_vocab, preset
+from storyllama.config import (
+    ModelConfig,
+    OneLineErrorParser,
+    TrainConfig,
+    add_dataclass_args,
+    given,
+    pad_vocab,
+    preset,
+)
 from storyllama.data import RandomBatches, TokenData, bytes_per_token, load_meta, val_batches
+from storyllama.devices import resolve_dtype
+from storyllama.distributed import (
+    STOP_REASONS,
+    Dist,
+    StopFlag,
+    agree_stop,
+    barrier,
+    destroy,
+    gather_objects,
+    init_distributed,
+)
+from storyllama.locking import DirLock
+from storyllama.metrics import Metrics, peak_flops
 from storyllama.model import Llama
 
 log = logging.getLogger("storyllama")
 
-# Dense bf16 peak FLOP/s by GPU name (spec sheets), for MFU; STORYLLAMA_PEAK_TFLOPS overrides.
-PEAK_BF16_FLOPS = {"H200": 989.4e12, "H100": 989.4e12, "H800": 989.4e12, "GH200": 989.4e12, "A100": 312e12,
-                   "L40S": 362.1e12, "A10G": 70e12, "L4": 121e12, "4090": 165.2e12}
+# Settings that belong to this invocation, not to the run: a resumed run never takes them from its checkpoint.
+_PER_INVOCATION = ("out", "resume", "eval_only", "device")
 
 
 class TrainingError(RuntimeError):
     """The run cannot go on; the message says why and what was kept."""
 
 
-# -- set-up --------------------------------------------------------------------------------------------
-@dataclass
-class Dist:
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
+# -- configuration ---------------------------------------------------------------------------------------
+def resolve_config(cfg: TrainConfig, args: argparse.Namespace) -> tuple[TrainConfig, Path | None, dict]:
+    """(the run's settings, the checkpoint to resume from or None, its trainer state).
 
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device_arg: str) -> tuple[Dist, torch.device]:
-    """Join torchrun's process group when launched by it (NCCL on CUDA, gloo on CPU)."""
-    if "RANK" not in os.environ:
-        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device_arg == "auto" else device_arg)
-        if device.type == "cuda" and device.index is not None:
-            torch.cuda.set_device(device)
-        return Dist(), device
-    d = Dist(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
-    use_cuda = torch.cuda.is_available() and device_arg in ("auto", "cuda")
-    device = torch.device(f"cuda:{d.local_rank}" if use_cuda else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    timeout = datetime.timedelta(seconds=float(os.environ.get("STORYLLAMA_DIST_TIMEOUT", "300")))
-    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout,
-                            device_id=device if use_cuda else None)
-    return d, device
-
-
-def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
-    if cfg.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "fp32": torch.float32}
-    if cfg.dtype not in dtypes:
-        raise ValueError(f"--dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
-    return dtypes[cfg.dtype]
-
-
-def grad_accum_steps(cfg: TrainConfig, block_size: int, world_size: int) -> int:
-    per_micro = cfg.batch_size * block_size * world_size
-    if cfg.total_batch_size is None:
-        return 1
-    if cfg.total_batch_size % per_micro:
-        raise ValueError(
-            f"--total_batch_size {cfg.total_batch_size} tokens is not a multiple of batch_size x block_size x "
-            f"world_size = {cfg.batch_size} x {block_size} x {world_size} = {per_micro}; pick a total batch that is "
-            f"(e.g. {max(1, round(cfg.total_batch_size / per_micro)) * per_micro}) or change --batch_size")
-    return cfg.total_batch_size // per_micro
-
-
-def build_model_config(args: argparse.Namespace, vocab_from_data: int) -> ModelConfig:
-    overrides = given(args, ModelConfig)
-    overrides.setdefault("vocab_size", pad_vocab(vocab_from_data))
-    cfg = preset(args.preset or TrainConfig.preset, **overrides)
-    if cfg.vocab_size < vocab_from_data:
-        raise ValueError(f"--vocab_size {cfg.vocab_size} is smaller than the data's vocabulary ({vocab_from_data})")
-    return cfg
-
-
-# -- evaluation, samples, plots ------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, data: TokenData, cfg: TrainConfig, batch_size: int, block_size: int,
-             device: torch.device, amp: torch.dtype, d: Dist) -> float:
-    """Mean validation loss over the first eval_iters batches of each rank, averaged over ranks."""
-    model.eval()
-    total = torch.zeros(2, device=device, dtype=torch.float64)  # (sum of losses, batches)
-    max_batches = cfg.eval_iters or None
-    for x, y in val_batches(data, batch_size, block_size, d.rank, d.world_size, max_batches):
-        with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
-            loss = model(x.to(device), y.to(device))
-        total[0] += loss.double()
-        total[1] += 1
-    if d.enabled:
-        dist.all_reduce(total)
-    model.train()
-    if total[1] == 0:
-        raise TrainingError("the validation split has no full block; prepare more validation text")
-    return (total[0] / total[1]).item()
-
-
-def sample_text(model: Llama, enc, cfg: TrainConfig, eot_id: int, device: torch.device) -> str:
-    from storyllama.config import SampleConfig
-    from storyllama.sample import generate
-
-    scfg = SampleConfig(prompt=[cfg.prompt], max_new_tokens=cfg.sample_tokens, temperature=cfg.temperature,
-                        top_k=50, seed=cfg.seed)
-    prompt = enc.encode_ordinary(cfg.prompt)
-    room = model.cfg.block_size - len(prompt)
-    if room <= 0:
-        return "(prompt longer than the context: no sample)"
-    scfg = replace(scfg, max_new_tokens=min(scfg.max_new_tokens, room))
-    model.eval()
-    try:
-        out = generate(model, [prompt], scfg, eot_id=eot_id, vocab_limit=enc.n_vocab)
-    finally:
-        model.clear_caches()
-        model.train()
-    return cfg.prompt + enc.decode([t for t in out[0] if t < enc.n_vocab and t != eot_id])
-
-
-def plot_losses(metrics_path: Path, png_path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train, val = [], []
-    for line in metrics_path.read_text().splitlines():
-        r = json.loads(line)
-        if "loss" in r:
-            train.append((r["step"], r["loss"]))
-        if "val_loss" in r:
-            val.append((r["step"], r["val_loss"]))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    if train:
-        ax.plot(*zip(*train), label="train", lw=1)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation", lw=1.5)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title(png_path.parent.name)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = png_path.with_name(png_path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, png_path)
-
-
-# -- the loop ------------------------------------------------------------------------------------------
-class StopFlag:
-    """SIGTERM / SIGINT ask the loop to finish the current step, checkpoint and exit 0."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._old = {}
-
-    def install(self) -> None:
-        for s in (signal.SIGTERM, signal.SIGINT):
-            self._old[s] = signal.signal(s, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C stops at once
-        self.signum = signum
-
-    def restore(self) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-
-def train(cfg: TrainConfig, args: argparse.Namespace, on_ddp: Callable | None = None) -> dict:
-    """Run training; returns a summary (steps, best validation loss, the trained unwrapped model).
-
-    on_ddp: called with the DistributedDataParallel module once it exists (e.g. to register a comm hook)."""
-    d, device = init_distributed(cfg.device)
-    stop = StopFlag()
-    stop.install()
-    try:
-        return _train(cfg, args, d, device, stop, on_ddp)
-    finally:
-        stop.restore()
-        if d.enabled and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _train(cfg: TrainConfig, args: argparse.Namespace, d: Dist, device: torch.device, stop: StopFlag,
-           on_ddp: Callable | None) -> dict:
-    run_dir, data_dir = Path(cfg.out), Path(cfg.data)
-    meta = load_meta(data_dir)
-    vocab = meta["tokenizer"]["vocab_size"]
-    eot_id = meta["tokenizer"]["eot_id"]
-
-    # Resume: the checkpoint's model config wins; flags that contradict it are an error.
-    ckpt = _find_resume(cfg, run_dir)
-    state: dict = {}
-    if ckpt is not None:
-        _check_same_tokenizer(ckpt, meta)
-        state = checkpoint.load_state(ckpt)
-        mcfg = checkpoint.load_model_config(ckpt)
-        asked = build_model_config(args, vocab)
-        if given(args, ModelConfig) or args.preset:
-            diff = {k: (v, getattr(asked, k)) for k, v in asdict(mcfg).items() if v != getattr(asked, k)}
-            if diff:
-                raise ValueError(f"cannot resume {ckpt}: its model differs from the flags given "
-                                 f"({', '.join(f'{k}: checkpoint {a}, flags {b}' for k, (a, b) in diff.items())}); "
-                                 "drop those flags or start a new --out")
-    else:
-        mcfg = build_model_config(args, vocab)
-        if mcfg.vocab_size < vocab:
-            raise ValueError(f"model vocab {mcfg.vocab_size} < data vocab {vocab}")
-
-    train_data = TokenData(data_dir, "train")
-    val_data = TokenData(data_dir, "val")
-    T = mcfg.block_size
-    accum = grad_accum_steps(cfg, T, d.world_size)
-    tokens_per_step = cfg.batch_size * T * d.world_size * accum
-    if cfg.epochs is not None:
-        cfg = replace(cfg, total_iters=max(1, math.ceil(cfg.epochs * train_data.num_tokens / tokens_per_step)))
-    batches = RandomBatches(train_data, cfg.batch_size, T, cfg.seed, d.rank, d.world_size)
-    # Validation batches may be smaller than training ones when the split is small; none at all is an error
-    # found now, not at the first evaluation.
-    val_windows = int(val_data.windows_per_shard(T).sum())
-    val_batch = min(cfg.batch_size, val_windows // d.world_size)
-    if val_batch == 0:
-        raise ValueError(f"the val split of {data_dir} has {val_data.num_tokens:,} tokens: {val_windows} windows of "
-                         f"block_size + 1 = {T + 1} tokens, fewer than one per process ({d.world_size}); prepare "
-                         "more validation text (--val or --val_fraction) or lower --block_size")
-    amp = autocast_dtype(cfg, device)
-    backend = resolve_backend(cfg.kernels, device)
-    compile_ = cfg.compile if cfg.compile is not None else device.type == "cuda"
-    fused_ce = True if cfg.fused_ce is None else cfg.fused_ce
-
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = Llama(mcfg, kernels=backend, fused_ce=fused_ce).to(device)
-    optimizer = torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2),
-                                  fused=device.type == "cuda")
-    step, tokens_seen, best_val, bad_steps = 0, 0, math.inf, 0
-    if ckpt is not None:
-        checkpoint.load_weights(model, ckpt)
-        checkpoint.load_optimizer(optimizer, ckpt)
-        step, tokens_seen = state["step"], state["tokens_seen"]
-        best_val = state.get("best_val_loss", math.inf)
-        if not cfg.eval_only:  # (scoring alone does not need the training stream's position)
-            if state.get("world_size", 1) != d.world_size:
-                raise ValueError(f"{ckpt} was written by {state.get('world_size')} processes; resume with the same "
-                                 f"number (got {d.world_size}) so every rank continues its own data stream")
-            batches.load_state_dict(state["data"][str(d.rank)])
-
-    raw_model = model
-    ddp_model = None
-    if d.enabled:
-        # broadcast_buffers=False: the only buffers are the RoPE tables, identical on every rank; broadcasting
-        # them would cost a collective per forward (and a graph break under torch.compile).
-        model = ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
-            broadcast_buffers=False)
-        if on_ddp is not None:
-            on_ddp(ddp_model)
-    if compile_:
-        model = torch.compile(model)
-
-    if cfg.eval_only:
-        if ckpt is None:
-            raise ValueError("--eval_only needs a checkpoint: --resume CKPT_DIR (or --resume auto with --out RUN_DIR)")
-        val = evaluate(model, val_data, replace(cfg, eval_iters=0), val_batch, T, device, amp, d)
-        bpb = val / math.log(2) / bytes_per_token(meta, "val")
-        if d.master:
-            log.info("%s on the whole val split of %s (%d tokens): loss %.4f, %.4f bits per byte", ckpt, data_dir,
-                     val_data.num_tokens, val, bpb)
-        return {"step": step, "val_loss": val, "val_bpb": bpb, "model": raw_model}
-
-    enc = None
-    if d.master:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for fname in checkpoint.TOKENIZER_FILES:
-            if (data_dir / fname).is_file():
-                shutil.copy2(data_dir / fname, run_dir / fname)
-        (run_dir / "config.json").write_text(json.dumps({"model": asdict(mcfg), "train": asdict(cfg)}, indent=2))
-        from data_prep.tokenizer import load_encoding
-
-        enc = load_encoding(data_dir)
-    wandb_run = _init_wandb(cfg, mcfg, run_dir) if (cfg.wandb and d.master) else None
-    metrics_path = run_dir / "metrics.jsonl"
-    n_params = mcfg.num_params()
-    peak = peak_flops(device)
-    bpt = bytes_per_token(meta, "val")
-    if d.master:
-        log.info("model: %s, %.2fM parameters (%s tied embeddings), context %d, vocab %d",
-                 args.preset or "custom", n_params / 1e6, "with" if mcfg.tie_embeddings else "without", T,
-                 mcfg.vocab_size)
-        log.info("device %s x %d, %s, kernels=%s, compile=%s, fused_ce=%s; %d tokens/step = %d x %d x %d ranks x %d "
-                 "accumulation", device, d.world_size, str(amp).replace("torch.", ""), backend, compile_, fused_ce,
-                 tokens_per_step, cfg.batch_size, T, d.world_size, accum)
-        log.info("%s %d steps (from step %d) into %s", "resuming" if ckpt else "training", cfg.total_iters, step,
-                 run_dir)
-
-    def save(is_best: bool = False) -> Path | None:
-        path = None
-        if d.master:
-            data_states = _gather_data_states(batches, d)
-            st = {"step": step, "tokens_seen": tokens_seen, "best_val_loss": best_val, "world_size": d.world_size,
-                  "data": data_states, "train_config": asdict(cfg), "model_config": asdict(mcfg),
-                  "tokenizer_sha256": meta["tokenizer"].get("sha256")}
-            try:
-                path = checkpoint.save(run_dir, step, raw_model, optimizer, st, data_dir, cfg.keep_last, is_best)
-            except OSError as e:
-                raise TrainingError(f"could not write a checkpoint: {e}. Earlier checkpoints are untouched; free "
-                                    "disk space or choose another --out, then --resume auto") from e
-        elif d.enabled:
-            _gather_data_states(batches, d)
-        if d.enabled:
-            dist.barrier()
-        return path
-
-    def do_eval() -> float:
-        nonlocal best_val
-        val = evaluate(model, val_data, cfg, val_batch, T, device, amp, d)
-        is_best = val < best_val
-        best_val = min(best_val, val)
-        if d.master:
-            bpb = val / math.log(2) / bpt
-            rec = {"step": step, "val_loss": val, "val_bpb": bpb, "tokens": tokens_seen}
-            _append_jsonl(metrics_path, rec)
-            plot_losses(metrics_path, run_dir / "loss.png")
-            if wandb_run is not None:
-                wandb_run.log({"val/loss": val, "val/bpb": bpb}, step=step)
-            log.info("step %d: val loss %.4f, %.4f bits per byte%s", step, val, bpb, " (best)" if is_best else "")
-            if cfg.sample_tokens > 0:
-                log.info("  sample: %s", sample_text(raw_model, enc, cfg, eot_id, device).replace("\n", " "))
-        return is_best
-
-    faults = Faults.from_env()
-    model.train()
-    bar = tqdm(total=cfg.total_iters, initial=step, disable=not d.master, dynamic_ncols=True, unit="step",
-               file=sys.stderr)
-    t_start = time.time()
-    t_log, tok_log = time.time(), 0
-    stopped_by = None
-    last_loss = float("nan")
-    while step < cfg.total_iters:
-        lr = cfg.lr_at(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # Dropout randomness is a function of (seed, step, rank): a resumed run draws the same masks.
-        torch.manual_seed(cfg.seed + 1_000_003 * (step + 1) + 7919 * d.rank)
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(accum):
-            x, y = batches.next_batch()
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            # Non-final micro-steps keep their gradients local; the last backward all-reduces, bucket by bucket.
-            sync_ctx = ddp_model.no_sync() if ddp_model is not None and micro < accum - 1 else contextlib.nullcontext()
-            with sync_ctx, torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
-                loss = model(x, y) / accum
-            loss.backward()
-            loss_sum += loss.detach()
-        if faults.nan_at == step:
-            loss_sum += math.nan  # injected: the step must be skipped like a real non-finite loss
-        # The norm is of the all-reduced gradients, so every rank takes the same decision below.
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.clip)
-        if torch.isfinite(grad_norm) and torch.isfinite(loss_sum):
-            optimizer.step()
-            bad_steps = 0
-        else:
-            bad_steps += 1
-            if d.master:
-                log.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s); update skipped (%d/%d)",
-                            step, loss_sum.item(), grad_norm.item(), bad_steps, cfg.max_bad_steps)
-        optimizer.zero_grad(set_to_none=True)
-        if bad_steps >= cfg.max_bad_steps:
-            raise TrainingError(f"{bad_steps} non-finite steps in a row at step {step}; stopping. The last good "
-                                f"checkpoint is kept in {run_dir / 'checkpoints'}; lower --max_lr or check the data")
-        if faults.fail_at == (d.rank, step):
-            raise RuntimeError(f"injected failure on rank {d.rank} at step {step} (STORYLLAMA_TEST_FAIL_AT)")
-        step += 1
-        tokens_seen += tokens_per_step
-        tok_log += tokens_per_step
-        bar.update(1)
-
-        if step % cfg.log_interval == 0 or step == cfg.total_iters:
-            last_loss = loss_sum.item()
-            if d.enabled:  # report the mean over ranks
-                t = torch.tensor([last_loss], device=device)
-                dist.all_reduce(t)
-                last_loss = t.item() / d.world_size
-            dt = time.time() - t_log
-            tps = tok_log / max(dt, 1e-9)
-            t_log, tok_log = time.time(), 0
-            rec = {"step": step, "loss": last_loss, "lr": lr, "grad_norm": grad_norm.item(), "tokens": tokens_seen,
-                   "tok_per_s": tps, "elapsed_s": time.time() - t_start}
-            post = {"loss": f"{last_loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tps:,.0f}"}
-            if peak:
-                rec["mfu"] = mcfg.flops_per_token() * tps / (peak * d.world_size)
-                post["mfu"] = f"{100 * rec['mfu']:.1f}%"
-            if d.master:
-                bar.set_postfix(post, refresh=False)
-                _append_jsonl(metrics_path, rec)
-                if wandb_run is not None:
-                    wandb_run.log({f"train/{k}": v for k, v in rec.items() if k != "step"}, step=step)
-
-        stopped_by = _should_stop(stop, cfg, t_start, d, device)
-        final = step == cfg.total_iters or stopped_by is not None
-        is_best = False
-        if step % cfg.eval_interval == 0 or final:
-            is_best = do_eval()
-        if step % cfg.save_interval == 0 or final or (is_best and cfg.keep_best):
-            path = save(is_best=is_best and cfg.keep_best)
-            if d.master:
-                bar.write(f"checkpoint: {path}")
-        if stopped_by is not None:
-            break
-    bar.close()
-    if wandb_run is not None:
-        wandb_run.finish()
-    summary = {"step": step, "tokens_seen": tokens_seen, "best_val_loss": best_val, "run_dir": str(run_dir),
-               "best_val_bpb": best_val / math.log(2) / bpt, "stopped_by": stopped_by, "model": raw_model}
-    if d.master:
-        if stopped_by is not None:
-            log.info("stopped by %s at step %d; checkpoint saved. Continue with: bin/train --data %s --out %s "
-                     "--resume auto", stopped_by, step, data_dir, run_dir)
-        log.info("done: best val loss %.4f (%.4f bits per byte); checkpoints in %s, metrics %s, plot %s",
-                 best_val, summary["best_val_bpb"], run_dir / "checkpoints", metrics_path, run_dir / "loss.png")
-    return summary
-
-
-@dataclass(frozen=True)
-class Faults:
-    """Fault injection for the reliability tests, read once from the environment:
-    STORYLLAMA_TEST_FAIL_AT="RANK:STEP" raises on that rank at that step; STORYLLAMA_TEST_NAN_AT="STEP"
-    makes that step's loss NaN."""
-
-    fail_at: tuple[int, int] | None = None
-    nan_at: int | None = None
-
-    @classmethod
-    def from_env(cls) -> Faults:
-        fail = os.environ.get("STORYLLAMA_TEST_FAIL_AT")
-        nan = os.environ.get("STORYLLAMA_TEST_NAN_AT")
-        return cls(tuple(map(int, fail.split(":"))) if fail else None, int(nan) if nan else None)
-
-
-def _should_stop(stop: StopFlag, cfg: TrainConfig, t_start: float, d: Dist, device: torch.device) -> str | None:
-    """A signal or the time budget; under DDP all ranks agree (any rank's reason stops all)."""
-    code = 0
-    if stop.signum is not None:
-        code = 1
-    elif cfg.max_time is not None and time.time() - t_start >= cfg.max_time:
-        code = 2
-    if d.enabled:
-        t = torch.tensor([code], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        code = int(t.item())
-    return {0: None, 1: "a signal (SIGTERM/SIGINT)", 2: f"--max_time {cfg.max_time}s"}[code]
-
-
-def _gather_data_states(batches: RandomBatches, d: Dist) -> dict:
-    """Every rank's data position, collected on rank 0 (a collective: all ranks call it)."""
-    mine = batches.state_dict()
-    if not d.enabled:
-        return {"0": mine}
-    out: list = [None] * d.world_size
-    dist.all_gather_object(out, mine)
-    return {str(r): s for r, s in enumerate(out)}
+    A resumed run takes every training setting from its checkpoint; flags given now change them on
+    purpose, and the change is said."""
+    ckpt = _find_resume(cfg, Path(cfg.out))
+    if ckpt is None:
+        return cfg, None, {}
+    state = checkpoint.load_state(ckpt)
+    saved = {k: v for k, v in state.get("train_config", {}).items() if k in {f.name for f in fields(TrainConfig)}}
+    now = {k: v for k, v in given(args, TrainConfig).items()}
+    merged = {**saved, **{k: getattr(cfg, k) for k in _PER_INVOCATION}, **now}
+    if "epochs" in now:  # --epochs given now sets the length again
+        merged.pop("total_iters", None)
+    resolved = TrainConfig(**merged)
+    changed = {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v and k not in _PER_INVOCATION}
+    if changed and int(os.environ.get("RANK", "0")) == 0:
+        log.info("resuming %s with changed settings: %s", ckpt,
+                 ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
+    return resolved, ckpt, state
 
 
 def _find_resume(cfg: TrainConfig, run_dir: Path) -> Path | None:
@@ -510,6 +108,30 @@ def _find_resume(cfg: TrainConfig, run_dir: Path) -> Path | None:
     return checkpoint.resolve(cfg.resume)
 
 
+def build_model_config(args: argparse.Namespace, vocab_from_data: int) -> ModelConfig:
+    overrides = given(args, ModelConfig)
+    overrides.setdefault("vocab_size", pad_vocab(vocab_from_data))
+    cfg = preset(args.preset or TrainConfig.preset, **overrides)
+    if cfg.vocab_size < vocab_from_data:
+        raise ValueError(f"--vocab_size {cfg.vocab_size} is smaller than the data's vocabulary ({vocab_from_data})")
+    return cfg
+
+
+def _model_config(args: argparse.Namespace, ckpt: Path | None, meta: dict) -> ModelConfig:
+    """The checkpoint's model when resuming (flags that contradict it are an error), else the flags'."""
+    asked = build_model_config(args, meta["tokenizer"]["vocab_size"])
+    if ckpt is None:
+        return asked
+    mcfg = checkpoint.load_model_config(ckpt)
+    if given(args, ModelConfig) or args.preset:
+        diff = {k: (v, getattr(asked, k)) for k, v in asdict(mcfg).items() if v != getattr(asked, k)}
+        if diff:
+            raise ValueError(f"cannot resume {ckpt}: its model differs from the flags given "
+                             f"({', '.join(f'{k}: checkpoint {a}, flags {b}' for k, (a, b) in diff.items())}); "
+                             "drop those flags or start a new --out")
+    return mcfg
+
+
 def _check_same_tokenizer(ckpt: Path, meta: dict) -> None:
     ckpt_meta = ckpt / "meta.json"
     if not ckpt_meta.is_file():
@@ -522,40 +144,495 @@ def _check_same_tokenizer(ckpt: Path, meta: dict) -> None:
                          "on data prepared with the same tokenizer")
 
 
-def _append_jsonl(path: Path, rec: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(rec) + "\n")
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return resolve_dtype(cfg.dtype)
 
 
-def peak_flops(device: torch.device) -> float | None:
-    """The GPU's dense bf16 peak FLOP/s, or None where unknown (no MFU then)."""
-    if device.type != "cuda":
-        return None
-    if os.environ.get("STORYLLAMA_PEAK_TFLOPS"):
-        return float(os.environ["STORYLLAMA_PEAK_TFLOPS"]) * 1e12
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+def grad_accum_steps(cfg: TrainConfig, block_size: int, world_size: int) -> int:
+    per_micro = cfg.batch_size * block_size * world_size
+    if cfg.total_batch_size is None:
+        return 1
+    if cfg.total_batch_size % per_micro:
+        raise ValueError(
+            f"--total_batch_size {cfg.total_batch_size} tokens is not a multiple of batch_size x block_size x "
+            f"world_size = {cfg.batch_size} x {block_size} x {world_size} = {per_micro}; pick a total batch that is "
+            f"(e.g. {max(1, round(cfg.total_batch_size / per_micro)) * per_micro}) or change --batch_size")
+    return cfg.total_batch_size // per_micro
 
 
-def _init_wandb(cfg: TrainConfig, mcfg: ModelConfig, run_dir: Path):
-    import wandb
+# -- the run: everything the loop needs, built once ------------------------------------------------------
+@dataclass
+class Run:
+    cfg: TrainConfig
+    mcfg: ModelConfig
+    d: Dist
+    device: torch.device
+    amp: torch.dtype
+    run_dir: Path
+    data_dir: Path
+    meta: dict
+    raw_model: Llama  # the unwrapped model: what is saved and sampled
+    model: torch.nn.Module  # what is called: raw_model, wrapped by DDP and/or compiled
+    ddp: torch.nn.parallel.DistributedDataParallel | None
+    optimizer: torch.optim.Optimizer
+    batches: Prefetcher
+    val_data: TokenData
+    val_batch: int
+    accum: int
+    tokens_per_step: int
+    describe: str  # kernels, compile, fused loss: for the log
+    host_reads: Counter = field(default_factory=Counter)  # device -> host reads by purpose (tests count them)
 
-    return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or run_dir.name, dir=str(run_dir),
-                      config={"model": asdict(mcfg), "train": asdict(cfg)})
+
+@dataclass
+class Progress:
+    """What the loop advances. The three counters live on the device and are read at log steps only."""
+
+    step: int
+    tokens_seen: int
+    best_val: float
+    bad_run: torch.Tensor  # skipped updates in a row, now
+    worst_run: torch.Tensor  # the longest such run since the last read
+    skipped: torch.Tensor  # skipped updates since the last read
+
+    @classmethod
+    def start(cls, state: dict, device: torch.device) -> Progress:
+        zero = lambda: torch.zeros((), dtype=torch.int32, device=device)  # noqa: E731
+        return cls(state.get("step", 0), state.get("tokens_seen", 0), state.get("best_val_loss", math.inf),
+                   zero(), zero(), zero())
+
+
+class Prefetcher:
+    """Training batches already on the device: batch n+1 is gathered and its copy issued (pinned memory,
+    non_blocking) before batch n's step is queued, so the device never waits for the data."""
+
+    def __init__(self, batches: RandomBatches, device: torch.device):
+        self.batches, self.device = batches, device
+        self._next: tuple[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def _load(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.batches.batch_at(position)
+        if self.device.type == "cuda":
+            x, y = x.pin_memory(), y.pin_memory()
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = self.batches.position
+        batch = self._next[1] if self._next is not None and self._next[0] == pos else self._load(pos)
+        self.batches.position = pos + 1  # the stream position counts batches handed out, not prefetched
+        self._next = (pos + 1, self._load(pos + 1))
+        return batch
+
+
+def build_run(cfg: TrainConfig, args: argparse.Namespace, d: Dist, device: torch.device, ckpt: Path | None,
+              state: dict) -> Run:
+    data_dir = Path(cfg.data)
+    meta = load_meta(data_dir)
+    if ckpt is not None:
+        _check_same_tokenizer(ckpt, meta)
+    mcfg = _model_config(args, ckpt, meta)
+    T = mcfg.block_size
+    train_data, val_data = TokenData(data_dir, "train"), TokenData(data_dir, "val")
+    accum = grad_accum_steps(cfg, T, d.world_size)
+    tokens_per_step = cfg.batch_size * T * d.world_size * accum
+    if cfg.epochs is not None:  # from now on the run is that many steps; resuming keeps them
+        cfg = replace(cfg, total_iters=max(1, math.ceil(cfg.epochs * train_data.num_tokens / tokens_per_step)),
+                      epochs=None)
+    batches = RandomBatches(train_data, cfg.batch_size, T, cfg.seed, d.rank, d.world_size)
+    val_batch = _val_batch_size(val_data, cfg, T, d, data_dir)
+
+    backend = resolve_backend(cfg.kernels, device)
+    compile_ = cfg.compile if cfg.compile is not None else device.type == "cuda"
+    fused_ce = True if cfg.fused_ce is None else cfg.fused_ce
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (outside autocast) on tensor cores
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    raw_model = Llama(mcfg, kernels=backend, fused_ce=fused_ce).to(device)
+    # Fused AdamW (CPU and CUDA) skips a step on the device when `found_inf` is set: no host sync.
+    optimizer = torch.optim.AdamW(raw_model.param_groups(cfg.weight_decay), lr=cfg.max_lr,
+                                  betas=(cfg.beta1, cfg.beta2), fused=device.type in ("cuda", "cpu"))
+    if ckpt is not None:
+        checkpoint.load_weights(raw_model, ckpt)
+        checkpoint.load_optimizer(optimizer, ckpt)
+        if not cfg.eval_only:  # (scoring alone does not need the training stream's position)
+            if state.get("world_size", 1) != d.world_size:
+                raise ValueError(f"{ckpt} was written by {state.get('world_size')} processes; resume with the same "
+                                 f"number (got {d.world_size}) so every rank continues its own data stream")
+            batches.load_state_dict(state["data"][str(d.rank)])
+    model, ddp = raw_model, None
+    if d.enabled:
+        # broadcast_buffers=False: the only buffers are the RoPE tables, identical on every rank; broadcasting
+        # them would cost a collective per forward (and a graph break under torch.compile).
+        model = ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
+            broadcast_buffers=False)
+    if compile_:
+        model = torch.compile(model)
+    return Run(cfg, mcfg, d, device, autocast_dtype(cfg, device), Path(cfg.out), data_dir, meta, raw_model, model,
+               ddp, optimizer, Prefetcher(batches, device), val_data, val_batch, accum, tokens_per_step,
+               f"kernels={backend}, compile={compile_}, fused_ce={fused_ce}")
+
+
+def _val_batch_size(val_data: TokenData, cfg: TrainConfig, T: int, d: Dist, data_dir: Path) -> int:
+    """Validation batches may be smaller than training ones when the split is small; none at all is an error
+    found now, not at the first evaluation."""
+    val_windows = int(val_data.windows_per_shard(T).sum())
+    val_batch = min(cfg.batch_size, val_windows // d.world_size)
+    if val_batch == 0:
+        raise ValueError(f"the val split of {data_dir} has {val_data.num_tokens:,} tokens: {val_windows} windows of "
+                         f"block_size + 1 = {T + 1} tokens, fewer than one per process ({d.world_size}); prepare "
+                         "more validation text (--val or --val_fraction) or lower --block_size")
+    return val_batch
+
+
+# -- one optimizer step ----------------------------------------------------------------------------------
+def train_step(run: Run, prog: Progress, nan_here: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accumulate, all-reduce, clip, and update unless the loss or gradient is non-finite anywhere.
+
+    Returns (mean loss over ranks, gradient norm) as device tensors; nothing here waits for the device.
+    nan_here: fault injection, this rank's loss is made NaN (its gradients stay finite)."""
+    cfg, d = run.cfg, run.d
+    lr = cfg.lr_at(prog.step)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    # Dropout randomness is a function of (seed, step, rank): a resumed run draws the same masks.
+    torch.manual_seed(cfg.seed + 1_000_003 * (prog.step + 1) + 7919 * d.rank)
+    loss_sum = torch.zeros((), device=run.device)
+    for micro in range(run.accum):
+        x, y = run.batches.next_batch()
+        # Non-final micro-steps keep their gradients local; the last backward all-reduces, bucket by bucket.
+        sync = run.ddp.no_sync() if run.ddp is not None and micro < run.accum - 1 else contextlib.nullcontext()
+        with sync, torch.autocast(run.device.type, dtype=run.amp, enabled=run.amp != torch.float32):
+            loss = run.model(x, y) / run.accum
+        loss.backward()
+        loss_sum += loss.detach()
+    if nan_here:
+        loss_sum += math.nan
+    if d.enabled:  # one small all-reduce: every rank then sees any rank's non-finite loss, and logs the mean
+        dist.all_reduce(loss_sum)
+        loss_sum /= d.world_size
+    params = [p for p in run.raw_model.parameters() if p.grad is not None]
+    if cfg.clip > 0:  # the norm is of the all-reduced gradients: the same on every rank
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    ok = torch.isfinite(grad_norm) & torch.isfinite(loss_sum)  # one decision, identical on every rank
+    _optimizer_step(run.optimizer, ok)
+    run.optimizer.zero_grad(set_to_none=True)
+    prog.bad_run.add_(1).mul_(~ok)
+    torch.maximum(prog.worst_run, prog.bad_run, out=prog.worst_run)
+    prog.skipped.add_(~ok)
+    return loss_sum, grad_norm
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer, ok: torch.Tensor) -> None:
+    """Update when `ok`, on the device: fused AdamW leaves weights, moments and step count as they were when
+    `found_inf` is 1 (the mechanism AMP's GradScaler uses)."""
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = (~ok).float()
+        optimizer.step()
+    elif bool(ok):  # unfused optimizers (other devices) need the host to decide
+        optimizer.step()
+
+
+def _host(run: Run, purpose: str, *tensors: torch.Tensor) -> list[float]:
+    """The one place the loop reads device values back (a sync); counted per purpose."""
+    run.host_reads[purpose] += 1
+    return torch.stack([t.detach().float().reshape(()) for t in tensors]).tolist()
+
+
+# -- the loop ----------------------------------------------------------------------------------------------
+def train(cfg: TrainConfig, args: argparse.Namespace, on_ddp=None) -> dict:
+    """Run training; returns a summary (steps, best validation loss, the trained unwrapped model).
+
+    on_ddp: called with the DistributedDataParallel module once it exists (e.g. to register a comm hook)."""
+    d, device = init_distributed(cfg.device)
+    stop = StopFlag()
+    stop.install()
+    lock = None
+    try:
+        cfg, ckpt, state = resolve_config(cfg, args)
+        if cfg.eval_only:
+            return _eval_only(cfg, args, d, device, ckpt, state)
+        if ckpt is not None and state.get("step", 0) >= cfg.total_iters:
+            if d.master:
+                log.info("%s is complete: step %d of %d (best validation loss %.4f); nothing to do. To train "
+                         "further, pass a larger --total_iters", cfg.out, state["step"], cfg.total_iters,
+                         state.get("best_val_loss", math.nan))
+            return {"step": state["step"], "complete": True, "run_dir": cfg.out}
+        if d.master:
+            lock = DirLock(cfg.out, "bin/train").acquire()  # one writer per run directory
+        run = build_run(cfg, args, d, device, ckpt, state)
+        if run.ddp is not None and on_ddp is not None:
+            on_ddp(run.ddp)
+        return _loop(run, Progress.start(state, device), stop, resumed=ckpt is not None)
+    finally:
+        stop.restore()
+        if lock is not None:
+            lock.release()
+        destroy()
+
+
+def _loop(run: Run, prog: Progress, stop: StopFlag, resumed: bool) -> dict:
+    cfg, d = run.cfg, run.d
+    metrics = _start_outputs(run, prog.step, resumed) if d.master else None
+    faults = Faults.from_env()
+    run.model.train()
+    bar = tqdm(total=cfg.total_iters, initial=prog.step, disable=not d.master, dynamic_ncols=True, unit="step",
+               file=sys.stderr)
+    clock = {"start": time.time(), "log": time.time(), "log_step": prog.step}
+    stopped_by = None
+    try:
+        while prog.step < cfg.total_iters:
+            loss, grad_norm = train_step(run, prog, nan_here=faults.nan_at(d.rank) == prog.step)
+            if faults.fail_at == (d.rank, prog.step):
+                raise RuntimeError(f"injected failure on rank {d.rank} at step {prog.step} (STORYLLAMA_TEST_FAIL_AT)")
+            prog.step += 1
+            prog.tokens_seen += run.tokens_per_step
+            bar.update(1)
+            final = prog.step == cfg.total_iters
+            local = _local_stop_code(stop, cfg, clock["start"])
+            if prog.step % cfg.log_interval == 0 or final:
+                report(run, prog, loss, grad_norm, metrics, bar, clock)
+                stopped_by = agree_stop(local, d, run.device)
+            elif not d.enabled:  # one process: nothing to agree on, so no collective and no sync
+                stopped_by = STOP_REASONS[local]
+            final = final or stopped_by is not None
+            is_best = False
+            if prog.step % cfg.eval_interval == 0 or final:
+                is_best = evaluate_and_log(run, prog, metrics)
+            if prog.step % cfg.save_interval == 0 or final or (is_best and cfg.keep_best):
+                path = save(run, prog, is_best=is_best and cfg.keep_best)
+                if d.master:
+                    bar.write(f"checkpoint: {path}")
+            if stopped_by is not None:
+                break
+    finally:
+        bar.close()
+        if metrics is not None:
+            metrics.close()
+    return _finish(run, prog, stopped_by)
+
+
+def _local_stop_code(stop: StopFlag, cfg: TrainConfig, t_start: float) -> int:
+    if stop.signum is not None:
+        return 1
+    if cfg.max_time is not None and time.time() - t_start >= cfg.max_time:
+        return 2
+    return 0
+
+
+def _start_outputs(run: Run, step: int, resumed: bool) -> Metrics:
+    """Rank 0: the run directory's tokenizer copy, config.json and the metrics writer; say what runs."""
+    cfg, mcfg, d = run.cfg, run.mcfg, run.d
+    for fname in checkpoint.TOKENIZER_FILES:
+        if (run.data_dir / fname).is_file():
+            shutil.copy2(run.data_dir / fname, run.run_dir / fname)
+    (run.run_dir / "config.json").write_text(json.dumps({"model": asdict(mcfg), "train": asdict(cfg)}, indent=2))
+    log.info("model: %s, %.2fM parameters (%s tied embeddings), context %d, vocab %d", cfg.preset,
+             mcfg.num_params() / 1e6, "with" if mcfg.tie_embeddings else "without", mcfg.block_size, mcfg.vocab_size)
+    log.info("device %s x %d, %s, %s; %d tokens/step = %d x %d x %d ranks x %d accumulation", run.device,
+             d.world_size, str(run.amp).replace("torch.", ""), run.describe, run.tokens_per_step, cfg.batch_size,
+             mcfg.block_size, d.world_size, run.accum)
+    log.info("%s %d steps (from step %d) into %s", "resuming" if resumed else "training", cfg.total_iters,
+             step, run.run_dir)
+    return Metrics(run.run_dir, cfg, mcfg)
+
+
+def report(run: Run, prog: Progress, loss: torch.Tensor, grad_norm: torch.Tensor, metrics: Metrics | None, bar,
+           clock: dict) -> None:
+    """The log step: one host read of the loss, the norm and the skip counters; log them; stop the run after
+    --max_bad_steps non-finite steps in a row."""
+    cfg = run.cfg
+    loss_v, norm_v, skipped, worst = _host(run, "report", loss, grad_norm, prog.skipped, prog.worst_run)
+    prog.skipped.zero_()
+    prog.worst_run.copy_(prog.bad_run)
+    if skipped and run.d.master:
+        log.warning("step %d: non-finite loss or gradient; %d update(s) skipped since the last report "
+                    "(%d/%d in a row)", prog.step, skipped, worst, cfg.max_bad_steps)
+    if worst >= cfg.max_bad_steps:
+        raise TrainingError(f"{int(worst)} non-finite steps in a row by step {prog.step}; stopping. "
+                            f"{_kept(run)} Lower --max_lr or check the data")
+    now = time.time()
+    tps = (prog.step - clock["log_step"]) * run.tokens_per_step / max(now - clock["log"], 1e-9)
+    clock["log"], clock["log_step"] = now, prog.step
+    if metrics is None:
+        return
+    rec = {"step": prog.step, "loss": loss_v, "lr": cfg.lr_at(prog.step - 1), "grad_norm": norm_v,
+           "tokens": prog.tokens_seen, "tok_per_s": tps, "elapsed_s": now - clock["start"]}
+    post = {"loss": f"{loss_v:.4f}", "lr": f"{rec['lr']:.2e}", "tok/s": f"{tps:,.0f}"}
+    peak = peak_flops(run.device)
+    if peak:
+        rec["mfu"] = run.mcfg.flops_per_token() * tps / (peak * run.d.world_size)
+        post["mfu"] = f"{100 * rec['mfu']:.1f}%"
+    bar.set_postfix(post, refresh=False)
+    metrics.train(rec)
+
+
+def _kept(run: Run) -> str:
+    """What is kept, truthfully: the newest checkpoint (all saved weights are finite), or that there is none."""
+    try:
+        ckpt = checkpoint.resolve(run.run_dir)
+    except checkpoint.CheckpointError:
+        return "No checkpoint was written by this run, so nothing of it is kept."
+    return f"The last good checkpoint is kept: {ckpt}."
+
+
+# -- evaluation and checkpoints --------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: TokenData, cfg: TrainConfig, batch_size: int, block_size: int,
+             device: torch.device, amp: torch.dtype, d: Dist) -> torch.Tensor:
+    """Mean validation loss over the first eval_iters batches of each rank, averaged over ranks (a device
+    tensor)."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, device=device, dtype=torch.float64)  # (sum of losses, batches)
+    for x, y in val_batches(data, batch_size, block_size, d.rank, d.world_size, cfg.eval_iters or None):
+        with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
+            loss = model(x.to(device), y.to(device))
+        total[0] += loss.double()
+        total[1] += 1
+    if d.enabled:
+        dist.all_reduce(total)
+    model.train(was_training)
+    return total[0] / total[1]
+
+
+def evaluate_and_log(run: Run, prog: Progress, metrics: Metrics | None) -> bool:
+    """Evaluate, log, sample a story (rank 0); True when this is the best validation loss so far."""
+    val = _host(run, "eval", evaluate(run.model, run.val_data, run.cfg, run.val_batch, run.mcfg.block_size,
+                                      run.device, run.amp, run.d))[0]
+    is_best = val < prog.best_val
+    prog.best_val = min(prog.best_val, val)
+    if metrics is not None:
+        bpb = val / math.log(2) / bytes_per_token(run.meta, "val")
+        metrics.val({"step": prog.step, "val_loss": val, "val_bpb": bpb, "tokens": prog.tokens_seen})
+        log.info("step %d: val loss %.4f, %.4f bits per byte%s", prog.step, val, bpb, " (best)" if is_best else "")
+        if run.cfg.sample_tokens > 0:
+            log.info("  sample: %s", sample_text(run).replace("\n", " "))
+    return is_best
+
+
+def sample_text(run: Run) -> str:
+    """A story from the current weights, sampled on a copy of the model: the KV cache the sampler attaches
+    never touches the module being trained (its compiled graph keeps its guards)."""
+    from data_prep.tokenizer import load_encoding
+    from storyllama.config import SampleConfig
+    from storyllama.sample import generate
+
+    cfg = run.cfg
+    enc = load_encoding(run.data_dir)
+    prompt = enc.encode_ordinary(cfg.prompt)
+    room = run.mcfg.block_size - len(prompt)
+    if room <= 0:
+        return "(prompt longer than the context: no sample)"
+    scfg = SampleConfig(prompt=[cfg.prompt], max_new_tokens=min(cfg.sample_tokens, room), temperature=cfg.temperature,
+                        top_k=50, seed=cfg.seed)
+    sampler = copy.deepcopy(run.raw_model).eval()
+    out = generate(sampler, [prompt], scfg, eot_id=enc.eot_token, vocab_limit=enc.n_vocab)
+    return cfg.prompt + enc.decode([t for t in out[0] if t < enc.n_vocab and t != enc.eot_token])
+
+
+def save(run: Run, prog: Progress, is_best: bool = False) -> Path | None:
+    """Rank 0 writes the checkpoint (never non-finite weights); every rank's data position goes with it."""
+    cfg, d = run.cfg, run.d
+    # Every rank holds the same weights, so every rank takes this decision alike (no rank waits for another).
+    if not _host(run, "save", _all_finite(run.raw_model))[0]:
+        raise TrainingError(f"the weights are non-finite at step {prog.step} (is --max_lr {cfg.max_lr} too high?); "
+                            f"they were not saved. {_kept(run)}")
+    data_states = gather_objects(run.batches.batches.state_dict(), d)
+    path = None
+    if d.master:
+        st = {"step": prog.step, "tokens_seen": prog.tokens_seen, "best_val_loss": prog.best_val,
+              "world_size": d.world_size, "data": {str(r): s for r, s in enumerate(data_states)},
+              "train_config": asdict(cfg), "model_config": asdict(run.mcfg),
+              "tokenizer_sha256": run.meta["tokenizer"].get("sha256")}
+        try:
+            path = checkpoint.save(run.run_dir, prog.step, run.raw_model, run.optimizer, st, run.data_dir,
+                                   cfg.keep_last, is_best)
+        except checkpoint.CheckpointWriteError as e:
+            raise TrainingError(f"could not write a checkpoint: {e}. Earlier checkpoints are untouched; fix that "
+                                "(free disk space, permissions) or choose another --out, then --resume auto") from e
+    barrier(d)
+    return path
+
+
+def _all_finite(model: torch.nn.Module) -> torch.Tensor:
+    return torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
+
+
+def _eval_only(cfg: TrainConfig, args: argparse.Namespace, d: Dist, device: torch.device, ckpt: Path | None,
+               state: dict) -> dict:
+    if ckpt is None:
+        raise ValueError("--eval_only needs a checkpoint: --resume CKPT_DIR (or --resume auto with --out RUN_DIR)")
+    run = build_run(cfg, args, d, device, ckpt, state)
+    val = evaluate(run.model, run.val_data, replace(cfg, eval_iters=0), run.val_batch, run.mcfg.block_size, device,
+                   run.amp, d).item()
+    bpb = val / math.log(2) / bytes_per_token(run.meta, "val")
+    if d.master:
+        log.info("%s on the whole val split of %s (%d tokens): loss %.4f, %.4f bits per byte", ckpt, run.data_dir,
+                 run.val_data.num_tokens, val, bpb)
+    return {"step": state.get("step", 0), "val_loss": val, "val_bpb": bpb, "model": run.raw_model}
+
+
+def _finish(run: Run, prog: Progress, stopped_by: str | None) -> dict:
+    bpb = prog.best_val / math.log(2) / bytes_per_token(run.meta, "val")
+    if run.d.master:
+        if stopped_by is not None:
+            log.info("stopped by %s at step %d; checkpoint saved. Continue with: bin/train --out %s --resume auto",
+                     stopped_by, prog.step, run.run_dir)
+        log.info("done: best val loss %.4f (%.4f bits per byte); checkpoints in %s, metrics %s, plot %s",
+                 prog.best_val, bpb, run.run_dir / "checkpoints", run.run_dir / "metrics.jsonl",
+                 run.run_dir / "loss.png")
+    return {"step": prog.step, "tokens_seen": prog.tokens_seen, "best_val_loss": prog.best_val,
+            "run_dir": str(run.run_dir), "best_val_bpb": bpb, "stopped_by": stopped_by, "model": run.raw_model,
+            "host_reads": dict(run.host_reads)}
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Fault injection for the reliability tests, read once from the environment:
+    STORYLLAMA_TEST_FAIL_AT="RANK:STEP" raises on that rank at that step; STORYLLAMA_TEST_NAN_AT="STEP"
+    (every rank) or "RANK:STEP" (that rank only) makes that step's loss NaN."""
+
+    fail_at: tuple[int, int] | None = None
+    nan: tuple[int | None, int] | None = None
+
+    @classmethod
+    def from_env(cls) -> Faults:
+        fail = os.environ.get("STORYLLAMA_TEST_FAIL_AT")
+        nan = os.environ.get("STORYLLAMA_TEST_NAN_AT")
+        nan_at = None
+        if nan:
+            parts = [int(p) for p in nan.split(":")]
+            nan_at = (parts[0], parts[1]) if len(parts) == 2 else (None, parts[0])
+        return cls(tuple(map(int, fail.split(":"))) if fail else None, nan_at)
+
+    def nan_at(self, rank: int) -> int | None:
+        if self.nan is None or self.nan[0] not in (None, rank):
+            return None
+        return self.nan[1]
 
 
 # -- command line --------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bin/train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineErrorParser(prog="bin/train", description=__doc__.split("\n\n")[0])
     add_dataclass_args(p, TrainConfig, prefix_help="training")
     add_dataclass_args(p, ModelConfig, prefix_help="model (overrides the preset)")
     return p
 
 
 def parse_config(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]:
+    """The flags given, checked (ValueError says which to change). A resumed run fills the rest from its
+    checkpoint (resolve_config); a new run from the defaults."""
     args = build_parser().parse_args(argv)
     tc = given(args, TrainConfig)
+    if "epochs" in tc and "total_iters" in tc:
+        raise ValueError(f"give --epochs ({tc['epochs']}) or --total_iters ({tc['total_iters']}), not both: each sets "
+                         "the length of the run")
     names = {f.name for f in fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in tc.items() if k in names}), args
 
@@ -564,21 +641,23 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     if int(os.environ.get("RANK", "0")) != 0:
         logging.getLogger().setLevel(logging.WARNING)  # rank 0 speaks
+    out = None
     try:
         cfg, args = parse_config(argv)
-        summary = train(cfg, args)
-    except (ValueError, TrainingError) as e:
+        out = cfg.out
+        train(cfg, args)
+    except (ValueError, TrainingError) as e:  # CheckpointError, DataError, LockedError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # disk full, read-only or missing directories, ...
-        print(f"error: {e.strerror or e} ({e.filename or cfg.out}); the last complete checkpoint is kept. Free "
-              "space or fix the path, then run again with --resume auto", file=sys.stderr)
+    except OSError as e:  # read-only or missing directories, a full disk outside a checkpoint, ...
+        print(f"error: {e.strerror or e} ({e.filename or out}). Fix that path or its permissions, then run again "
+              "(with --resume auto to continue from the last complete checkpoint)", file=sys.stderr)
         return 2
     except torch.OutOfMemoryError as e:
         print(f"error: out of memory on the GPU ({str(e).splitlines()[0]}); lower --batch_size (the micro batch) "
               "and keep --total_batch_size: accumulation makes up the difference", file=sys.stderr)
         return 2
-    return 0 if summary else 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,117 @@
+"""What a run reports: RUN/metrics.jsonl, RUN/loss.png, Weights & Biases when asked, and MFU.
+
+Only rank 0 makes a `Metrics`; the other ranks log nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from storyllama.config import ModelConfig, TrainConfig
+
+# Dense bf16 peak FLOP/s by GPU name (spec sheets), for MFU; STORYLLAMA_PEAK_TFLOPS overrides.
+PEAK_BF16_FLOPS = {"H200": 989.4e12, "H100": 989.4e12, "H800": 989.4e12, "GH200": 989.4e12, "A100": 312e12,
+                   "L40S": 362.1e12, "A10G": 70e12, "L4": 121e12, "4090": 165.2e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The GPU's dense bf16 peak FLOP/s, or None where unknown (no MFU then)."""
+    if device.type != "cuda":
+        return None
+    if os.environ.get("STORYLLAMA_PEAK_TFLOPS"):
+        return float(os.environ["STORYLLAMA_PEAK_TFLOPS"]) * 1e12
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+class Metrics:
+    """Appends records to metrics.jsonl, redraws loss.png at every evaluation, mirrors both to W&B."""
+
+    def __init__(self, run_dir: Path, cfg: TrainConfig, mcfg: ModelConfig):
+        self.run_dir = run_dir
+        self.path = run_dir / "metrics.jsonl"
+        self.wandb_run = init_wandb(cfg, mcfg, run_dir) if cfg.wandb else None
+
+    def train(self, rec: dict) -> None:
+        self._append(rec)
+        if self.wandb_run is not None:
+            self.wandb_run.log({f"train/{k}": v for k, v in rec.items() if k != "step"}, step=rec["step"])
+
+    def val(self, rec: dict) -> None:
+        self._append(rec)
+        plot_losses(self.path, self.run_dir / "loss.png")
+        if self.wandb_run is not None:
+            self.wandb_run.log({"val/loss": rec["val_loss"], "val/bpb": rec["val_bpb"]}, step=rec["step"])
+
+    def close(self) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
+
+    def _append(self, rec: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+def init_wandb(cfg: TrainConfig, mcfg: ModelConfig, run_dir: Path):
+    """A W&B run, or ValueError saying how to log in (or log offline) when it cannot start."""
+    import wandb
+
+    mode = os.environ.get("WANDB_MODE", "online")
+    if mode not in ("offline", "disabled", "dryrun") and not _wandb_has_key():
+        raise ValueError("--wandb needs a Weights & Biases login: run `wandb login` (or set WANDB_API_KEY), or log "
+                         "locally with WANDB_MODE=offline and upload later with `wandb sync`")
+    try:
+        return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or run_dir.name, dir=str(run_dir),
+                          config={"model": asdict(mcfg), "train": asdict(cfg)})
+    except Exception as e:  # wandb's own error types (network, auth, ...)
+        raise ValueError(f"--wandb: Weights & Biases did not start ({str(e).splitlines()[0]}); set "
+                         "WANDB_MODE=offline to log locally, or drop --wandb") from None
+
+
+def _wandb_has_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    import netrc
+
+    try:
+        rc = netrc.netrc(os.environ.get("NETRC"))
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("//")[-1].split("/")[0]
+    return rc.authenticators(host) is not None
+
+
+def plot_losses(metrics_path: Path, png_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train, val = [], []
+    for line in metrics_path.read_text().splitlines():
+        r = json.loads(line)
+        if "loss" in r:
+            train.append((r["step"], r["loss"]))
+        if "val_loss" in r:
+            val.append((r["step"], r["val_loss"]))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if train:
+        ax.plot(*zip(*train), label="train", lw=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation", lw=1.5)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(png_path.parent.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = png_path.with_name(png_path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, png_path)
