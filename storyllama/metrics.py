@@ -58,14 +58,19 @@ class Metrics:
             f.write(json.dumps(rec) + "\n")
 
 
-def init_wandb(cfg: TrainConfig, mcfg: ModelConfig, run_dir: Path):
-    """A W&B run, or ValueError saying how to log in (or log offline) when it cannot start."""
-    import wandb
-
+def check_wandb_login() -> None:
+    """Before anything is written: online W&B logging needs credentials; say how to get them (or go offline)."""
     mode = os.environ.get("WANDB_MODE", "online")
     if mode not in ("offline", "disabled", "dryrun") and not _wandb_has_key():
         raise ValueError("--wandb needs a Weights & Biases login: run `wandb login` (or set WANDB_API_KEY), or log "
                          "locally with WANDB_MODE=offline and upload later with `wandb sync`")
+
+
+def init_wandb(cfg: TrainConfig, mcfg: ModelConfig, run_dir: Path):
+    """A W&B run, or ValueError saying what to do when it cannot start."""
+    import wandb
+
+    check_wandb_login()
     try:
         return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or run_dir.name, dir=str(run_dir),
                           config={"model": asdict(mcfg), "train": asdict(cfg)})

@@ -59,7 +59,7 @@ from storyllama.distributed import (
     init_distributed,
 )
 from storyllama.locking import DirLock
-from storyllama.metrics import Metrics, peak_flops
+from storyllama.metrics import Metrics, check_wandb_login, peak_flops
 from storyllama.model import Llama
 
 log = logging.getLogger("storyllama")
@@ -364,6 +364,8 @@ def train(cfg: TrainConfig, args: argparse.Namespace, on_ddp=None) -> dict:
                          state.get("best_val_loss", math.nan))
             return {"step": state["step"], "complete": True, "run_dir": cfg.out}
         if d.master:
+            if cfg.wandb:
+                check_wandb_login()
             lock = DirLock(cfg.out, "bin/train").acquire()  # one writer per run directory
         run = build_run(cfg, args, d, device, ckpt, state)
         if run.ddp is not None and on_ddp is not None:

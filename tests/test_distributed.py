@@ -107,3 +107,18 @@ def test_a_failing_rank_ends_the_job_with_an_error(builtin_data, tmp_path):
     assert res.returncode != 0
     assert "injected failure on rank 1 at step 2" in res.stderr
     assert time.time() - t0 < 120
+
+
+def test_a_nan_on_one_rank_is_skipped_by_every_rank(builtin_data, tmp_path):
+    """Rank 1's loss alone is NaN at step 2 (its gradients stay finite, so the all-reduced gradient norm
+    is finite): both ranks must still skip that update together and end with identical weights."""
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    res = launch([*TORCHRUN, "tests/ddp_worker.py", "--data", str(builtin_data), "--out", str(tmp_path / "run"),
+                  *SHAPE, "--total_iters", "4", "--batch_size", "2"],
+                 env={"DUMP_DIR": str(dump), "STORYLLAMA_TEST_NAN_AT": "1:2"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "1 update(s) skipped" in res.stderr
+    w0, w1 = torch.load(dump / "rank0.pt"), torch.load(dump / "rank1.pt")
+    for k in w0:
+        assert torch.equal(w0[k], w1[k]), f"the ranks drifted apart on {k}"

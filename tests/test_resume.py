@@ -1,0 +1,252 @@
+"""Resume as the tools advise, one writer per run, checkpoints that stay valid, and the step's hot path
+(no host sync, one decision on every rank, --clip 0, compiled graphs that survive evaluations)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from storyllama import checkpoint
+from storyllama.train import main as train_main
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAPE = ["--preset", "tiny", "--dim", "64", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2",
+         "--hidden_dim", "128", "--block_size", "64", "--eval_iters", "2", "--log_interval", "1",
+         "--device", "cpu", "--sample_tokens", "0", "--eval_interval", "1000"]
+
+
+def args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--data", str(data), "--out", str(out), *SHAPE, *extra]
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r]
+
+
+def same_weights(a: Path, b: Path) -> None:
+    wa, wb = load_file(str(checkpoint.resolve(a) / "model.safetensors")), load_file(
+        str(checkpoint.resolve(b) / "model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0, msg=k)
+
+
+def test_the_advised_resume_line_continues_the_same_run(builtin_data, tmp_path, monkeypatch, caplog):
+    """A run with a non-default batch and length stops; the line it prints continues it to the same end, on
+    the same schedule, and equals an uninterrupted run; resuming a finished run says so and trains nothing."""
+    recipe = ["--batch_size", "2", "--total_iters", "6", "--max_lr", "1e-3", "--warmup_iters", "2",
+              "--save_interval", "3"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert train_main(args(builtin_data, straight, *recipe)) == 0
+    monkeypatch.setenv("STORYLLAMA_TEST_FAIL_AT", "0:4")  # dies after the step-3 checkpoint
+    with pytest.raises(RuntimeError, match="injected failure"):
+        train_main(args(builtin_data, stopped, *recipe))
+    monkeypatch.delenv("STORYLLAMA_TEST_FAIL_AT")
+    assert checkpoint.load_state(checkpoint.resolve(stopped))["step"] == 3
+    # exactly what a stopped run advises: no shape, batch or schedule flags
+    assert train_main(["--data", str(builtin_data), "--out", str(stopped), "--resume", "auto"]) == 0
+    state = checkpoint.load_state(checkpoint.resolve(stopped))
+    assert state["step"] == 6 and state["train_config"]["batch_size"] == 2
+    assert losses(stopped)[-3:] == losses(straight)[-3:]
+    same_weights(straight, stopped)
+    # a finished run: complete, exit 0, nothing trained
+    n = len(losses(stopped))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="storyllama"):
+        assert train_main(["--data", str(builtin_data), "--out", str(stopped), "--resume", "auto"]) == 0
+    assert "is complete: step 6 of 6" in caplog.text and len(losses(stopped)) == n
+    # a flag given now changes that setting on purpose, and says so
+    caplog.clear()
+    with caplog.at_level("INFO", logger="storyllama"):
+        assert train_main(["--data", str(builtin_data), "--out", str(stopped), "--resume", "auto",
+                           "--total_iters", "7"]) == 0
+    assert "changed settings: total_iters 6 -> 7" in caplog.text
+    assert checkpoint.load_state(checkpoint.resolve(stopped))["step"] == 7
+
+
+def test_a_second_trainer_on_the_same_run_is_refused(builtin_data, tmp_path):
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "bin/train", *args(builtin_data, out, "--batch_size", "2",
+                              "--total_iters", "4", "--save_interval", "2")], cwd=ROOT, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env={**__import__("os").environ, "STORYLLAMA_TEST_PAUSE_IN_SAVE": "step_000002"})
+    try:
+        t0 = time.time()
+        while "STORYLLAMA_TEST_PAUSED" not in first.stdout.readline():
+            assert first.poll() is None and time.time() - t0 < 120, "the first trainer never reached its save"
+        before = (out / "metrics.jsonl").read_bytes()
+        second = subprocess.run([sys.executable, "bin/train", *args(builtin_data, out, "--resume", "auto")], cwd=ROOT,
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2, second.stderr
+        last = second.stderr.strip().splitlines()[-1]
+        assert "in use by another bin/train (pid" in last and "Traceback" not in second.stderr
+        assert (out / "metrics.jsonl").read_bytes() == before
+    finally:
+        first.kill()
+        first.wait()
+    # the lock died with the killed process: the run resumes
+    assert train_main(args(builtin_data, out, "--resume", "auto")) == 0
+
+
+def test_resaving_a_step_keeps_latest_valid_and_prunes_by_step(builtin_data, tmp_path):
+    out = tmp_path / "run"
+    assert train_main(args(builtin_data, out, "--batch_size", "2", "--total_iters", "4", "--save_interval", "2")) == 0
+    root = out / "checkpoints"
+    old4 = (root / "step_000004" / "model.safetensors").read_bytes()
+    # resume from the older checkpoint: the new step 4 takes another name, the complete old one is not replaced
+    assert train_main(args(builtin_data, out, "--resume", str(root / "step_000002"))) == 0
+    assert (root / "latest").read_text().strip() == "step_000004.1"
+    assert (root / "step_000004" / "model.safetensors").read_bytes() == old4
+    checkpoint.load_model(out)
+    # pruning goes by step number, also past six digits
+    for name in ("step_999999", "step_1000000", "step_1000001"):
+        (root / name).mkdir()
+    checkpoint._prune(root, keep_last=2)
+    left = {p.name for p in root.iterdir() if p.is_dir()}
+    assert {"step_1000000", "step_1000001", "step_000004.1"} <= left and "step_999999" not in left
+
+
+def test_damaged_and_inconsistent_checkpoints_are_one_line_errors(builtin_data, tmp_path):
+    out = tmp_path / "run"
+    assert train_main(args(builtin_data, out, "--batch_size", "2", "--total_iters", "2")) == 0
+    ckpt = checkpoint.resolve(out)
+
+    def sample() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "bin/sample", "--checkpoint", str(ckpt), "--max_new_tokens", "4"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+    def resume() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "bin/train", *args(builtin_data, tmp_path / "r2", "--resume",
+                               str(ckpt), "--total_iters", "4")], cwd=ROOT, capture_output=True, text=True,
+                              timeout=120)
+
+    weights = ckpt / "model.safetensors"
+    good = weights.read_bytes()
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0xFF  # one flipped byte in the middle of a tensor: loads "fine" without a checksum
+    weights.write_bytes(bytes(flipped))
+    res = sample()
+    assert res.returncode == 2 and "model.safetensors is damaged" in res.stderr and "Traceback" not in res.stderr
+    weights.write_bytes(good)
+    # a truncated optimizer state: named, no traceback, nothing written
+    opt = ckpt / "optimizer.pt"
+    opt.write_bytes(opt.read_bytes()[:1000])
+    res = resume()
+    assert res.returncode == 2 and "optimizer.pt" in res.stderr.splitlines()[-1] and "Traceback" not in res.stderr
+    assert not (tmp_path / "r2" / "checkpoints").exists()
+    (ckpt / "checksums.json").unlink()  # an older checkpoint without checksums: torch.load's failure, one line
+    res = resume()
+    assert res.returncode == 2 and "cannot load the optimizer state" in res.stderr and "Traceback" not in res.stderr
+    # a model_config.json that does not describe its weights
+    cfg = json.loads((ckpt / "model_config.json").read_text())
+    (ckpt / "model_config.json").write_text(json.dumps({**cfg, "hidden_dim": 192}))
+    res = sample()
+    assert res.returncode == 2 and "does not match" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_non_finite_weights_are_never_saved(builtin_data, tmp_path, capsys):
+    """Weights that became non-finite (here: a checkpoint poisoned for real, every update then skipped) are
+    refused at the save, the run ends with exit 2, and the message says truthfully that nothing was kept."""
+    out = tmp_path / "run"
+    assert train_main(args(builtin_data, out, "--batch_size", "2", "--total_iters", "1")) == 0
+    bad = tmp_path / "poisoned"
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(checkpoint.resolve(out), bad)
+    w = load_file(str(bad / "model.safetensors"))
+    w["layers.0.attention.wq.weight"][0, 0] = float("inf")
+    save_file(w, str(bad / "model.safetensors"))
+    checkpoint.write_checksums(bad)
+    rc = train_main(args(builtin_data, tmp_path / "run2", "--resume", str(bad), "--total_iters", "3",
+                         "--max_bad_steps", "100"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "weights are non-finite" in err and "No checkpoint was written by this run" in err
+    assert not (tmp_path / "run2" / "checkpoints").exists() or not list((tmp_path / "run2" / "checkpoints").glob("s*"))
+
+
+def test_clip_zero_means_no_clipping(builtin_data, tmp_path):
+    runs = {}
+    for clip in ("0", "1e9", "1e-6"):
+        out = tmp_path / f"clip{clip}"
+        assert train_main(args(builtin_data, out, "--batch_size", "2", "--total_iters", "2", "--clip", clip,
+                               "--max_lr", "1e-2", "--warmup_iters", "0", "--weight_decay", "0")) == 0
+        runs[clip] = load_file(str(checkpoint.resolve(out) / "model.safetensors"))
+    for k in runs["0"]:
+        torch.testing.assert_close(runs["0"][k], runs["1e9"][k], rtol=0, atol=0)
+    # and clipping still clips: a tiny clip gives other weights
+    assert any(not torch.equal(runs["0"][k], runs["1e-6"][k]) for k in runs["0"])
+
+
+def test_the_training_step_never_reads_the_device(builtin_data, tmp_path, monkeypatch):
+    """Every way a tensor's value reaches Python (item, tolist, bool, float, int) is counted while the loop is
+    inside train_step; the loop's own reads go through one counted helper, at log steps only."""
+    import storyllama.train as T
+
+    calls: list[str] = []
+    inside = [False]
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+        orig = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _orig=orig, _name=name, **k):
+            if inside[0]:
+                calls.append(_name)
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    real_step = T.train_step
+
+    def watched(*a, **k):
+        inside[0] = True
+        try:
+            return real_step(*a, **k)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(T, "train_step", watched)
+    cfg, ns = T.parse_config(args(builtin_data, tmp_path / "run", "--batch_size", "2", "--total_iters", "12",
+                                  "--log_interval", "4", "--save_interval", "1000", "--total_batch_size", "256"))
+    summary = T.train(cfg, ns)
+    assert summary["step"] == 12 and calls == [], calls
+    assert summary["host_reads"]["report"] == 3  # steps 4, 8, 12
+
+
+def test_torchrun_with_one_process_destroys_its_group(builtin_data, tmp_path):
+    torchrun = Path(sys.executable).parent / "torchrun"
+    launcher = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
+    res = subprocess.run([*launcher, "--standalone", "--nproc_per_node=1", "tests/ddp_worker.py",
+                          *args(builtin_data, tmp_path / "run", "--batch_size", "2", "--total_iters", "2")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "DUMP_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]  # ddp_worker asserts the group is gone after train()
+
+
+@pytest.mark.slow
+def test_evaluations_do_not_recompile_the_training_graph(builtin_data, tmp_path):
+    """Sampling at each evaluation used to attach a KV cache to the module being trained, changing the
+    compiled graph's guards: a recompile after the first evaluation. Now three evaluations with samples
+    compile no more graphs than one."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from storyllama.train import parse_config, train
+
+    def graphs(out: Path, total: str) -> int:
+        torch._dynamo.reset()
+        counters.clear()
+        cfg, ns = parse_config(args(builtin_data, out, "--batch_size", "2", "--total_iters", total,
+                                    "--eval_interval", "2", "--sample_tokens", "4", "--compile", "--log_interval",
+                                    "2", "--save_interval", "1000"))
+        train(cfg, ns)
+        return counters["stats"]["unique_graphs"]
+
+    one, three = graphs(tmp_path / "one", "2"), graphs(tmp_path / "three", "6")
+    assert three == one, (one, three)
