@@ -126,6 +126,7 @@ class TrainConfig:
     eval_iters: int = 20  # validation batches per eval (0: the whole split)
     log_interval: int = 10  # also how often the host reads the device (loss, skipped steps, the stop agreement)
     save_interval: int = 100
+    save_every_minutes: float | None = None  # also save when this much wall time has passed since the last save
     keep_last: int = 3
     keep_best: bool = True  # also keep the checkpoint with the lowest validation loss as `best`
     resume: str | None = None  # "auto" or a checkpoint directory
@@ -152,7 +153,7 @@ class TrainConfig:
         checks = {"batch_size": self.batch_size, "total_iters": self.total_iters, "max_lr": self.max_lr,
                   "eval_interval": self.eval_interval, "save_interval": self.save_interval,
                   "log_interval": self.log_interval, "keep_last": self.keep_last, "max_bad_steps": self.max_bad_steps}
-        for opt in ("total_batch_size", "epochs", "max_time"):
+        for opt in ("total_batch_size", "epochs", "max_time", "save_every_minutes"):
             if getattr(self, opt) is not None:
                 checks[opt] = getattr(self, opt)
         for k, v in checks.items():

@@ -8,11 +8,13 @@ token of a shard except its first is a target exactly once per epoch. Windows ne
 boundary (the writer keeps every shard at least `--shard_tokens` long, so little is lost).
 
 Training order (`RandomBatches`): epoch e shuffles all windows with numpy's generator seeded by
-(seed, e); the global batch k of the epoch is the k-th run of W * B windows of that order, and rank r
-of a world of W takes the r-th B of them. So the batch at stream position p is a pure function of
-(seed, p, rank, world_size), ranks never share a window within an epoch, together they cover the
-epoch's windows (all but fewer than W * B of them), and W ranks read exactly what one process with
-batch size W * B would. Resuming only needs p.
+(seed, e). An optimizer step takes G = W * B * A consecutive windows of that order (W ranks, micro-batch
+B, A accumulation micro-steps): micro-step m of step k on rank r reads the B windows starting at
+k * G + (m * W + r) * B. So the batch at stream position p is a pure function of (seed, p, rank,
+world_size), ranks never share a window within an epoch, together they cover the epoch's windows (all
+but fewer than G of them), and a step reads the same G windows whatever W, B and A are, as long as G
+is the same. The position is saved as windows consumed, a number that does not depend on W: a run
+saved by W processes resumes on W' with another micro-batch or accumulation when G stays the same.
 
 Validation (`val_batches`) walks the windows in order: global batch k is windows kB..kB+B-1, and
 rank r takes batches r, r + W, r + 2W, ... (the same number on every rank).
@@ -152,12 +154,12 @@ class RandomBatches:
     places instead of the same windows again (cheap augmentation on small corpora)."""
 
     def __init__(self, data: TokenData, batch_size: int, block_size: int, seed: int, rank: int = 0,
-                 world_size: int = 1):
-        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
-            raise DataError(f"need batch_size >= 1 and 0 <= rank < world_size (got batch_size {batch_size}, "
-                            f"rank {rank}, world_size {world_size})")
+                 world_size: int = 1, accum: int = 1):
+        if batch_size < 1 or world_size < 1 or accum < 1 or not 0 <= rank < world_size:
+            raise DataError(f"need batch_size, accum >= 1 and 0 <= rank < world_size (got batch_size {batch_size}, "
+                            f"accum {accum}, rank {rank}, world_size {world_size})")
         self.data, self.batch_size, self.block_size = data, batch_size, block_size
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.seed, self.rank, self.world_size, self.accum = seed, rank, world_size, accum
         per_shard = data.windows_per_shard(block_size)
         # With a shift s < block_size, window k ends at s + (k + 1) * block_size + 1 <= size when there are
         # (size - block_size) // block_size windows: the count stays the same whatever the shift.
@@ -167,13 +169,15 @@ class RandomBatches:
             per_shard = shifted
         self.cum_windows = np.concatenate([[0], np.cumsum(per_shard)])
         self.num_windows = int(self.cum_windows[-1])
-        self.batches_per_epoch = self.num_windows // (world_size * batch_size)
-        if self.batches_per_epoch == 0:
+        self.windows_per_step = world_size * batch_size * accum  # G: one optimizer step, all ranks
+        self.steps_per_epoch = self.num_windows // self.windows_per_step
+        if self.steps_per_epoch == 0:
             raise DataError(f"the {data.split} split of {data.data_dir} has {data.num_tokens:,} tokens = "
-                            f"{self.num_windows:,} windows of block_size + 1 = {block_size + 1}, fewer than "
-                            f"batch_size {batch_size} x world_size {world_size} = {batch_size * world_size:,}; "
-                            "use a smaller batch_size or block_size, or more data")
-        self.position = 0  # batches taken so far: the only state
+                            f"{self.num_windows:,} windows of block_size + 1 = {block_size + 1}, fewer than one "
+                            f"optimizer step's batch_size {batch_size} x world_size {world_size} x accumulation "
+                            f"{accum} = {self.windows_per_step:,}; use a smaller batch, block_size, or more data")
+        self.batches_per_epoch = self.steps_per_epoch * accum  # this rank's micro-batches per epoch
+        self.position = 0  # micro-batches this rank has taken: the only state
         self._epoch: int | None = None
         self._order: np.ndarray | None = None
         self._shift = 0
@@ -197,11 +201,12 @@ class RandomBatches:
     def window_ids(self, position: int) -> np.ndarray:
         """Global window indices of the batch at stream `position` (for tests and debugging).
 
-        The global batch at a position is world_size x batch_size consecutive windows of the epoch's
-        permutation, and rank r takes the r-th batch_size of them: the ranks are disjoint, and together
-        they read exactly what one process with batch_size x world_size would."""
-        epoch, k = divmod(position, self.batches_per_epoch)
-        start = (k * self.world_size + self.rank) * self.batch_size
+        Step k of the epoch is the G windows from k * G of the epoch's permutation; its micro-step m on
+        rank r is the B of them from (m * W + r) * B: disjoint ranks, and W ranks x B read exactly what
+        one process with W x B (or B and W x the accumulation) would."""
+        epoch, p = divmod(position, self.batches_per_epoch)
+        k, m = divmod(p, self.accum)
+        start = k * self.windows_per_step + (m * self.world_size + self.rank) * self.batch_size
         return self._epoch_order(epoch)[start : start + self.batch_size]
 
     def batch_at(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,18 +224,33 @@ class RandomBatches:
             yield self.next_batch()
 
     def state_dict(self) -> dict:
-        return {"position": self.position, "seed": self.seed, "batch_size": self.batch_size,
-                "block_size": self.block_size, "world_size": self.world_size, "rank": self.rank,
+        """The position as windows consumed by all ranks: the same on every rank, whatever the world size."""
+        if self.position % self.accum:
+            raise DataError("the data position can only be saved between optimizer steps")
+        return {"windows": self.position // self.accum * self.windows_per_step,
+                "windows_per_step": self.windows_per_step, "seed": self.seed, "block_size": self.block_size,
                 "num_windows": self.num_windows, "split": self.data.split}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue the stream saved in `state`; refuse one made with another seed, shape or data."""
-        for key in ("seed", "batch_size", "block_size", "world_size", "num_windows"):
+        """Continue the stream saved in `state`, on any world size with the same windows per optimizer step;
+        refuse one made with another seed, block size, data or step size."""
+        if "windows" not in state:  # written before positions were global: this rank's micro-batches
+            state = {**state, "windows": state["position"] * state["world_size"] * state["batch_size"],
+                     "windows_per_step": state["world_size"] * state["batch_size"] * self.accum}
+        for key in ("seed", "block_size", "num_windows"):
             if key in state and state[key] != getattr(self, key):
                 raise DataError(f"the saved data position has {key} {state[key]}, but this run has "
                                 f"{getattr(self, key)}; resume with the same {key} (and the same data), or start "
                                 "a new run")
-        self.position = int(state["position"])
+        if state["windows_per_step"] != self.windows_per_step:
+            T = self.block_size
+            raise DataError(
+                f"the run was saved with {state['windows_per_step'] * T:,} tokens per optimizer step; this one has "
+                f"{self.windows_per_step * T:,} (batch_size {self.batch_size} x block_size {T} x {self.world_size} "
+                f"processes x {self.accum} accumulation). Keep --total_batch_size "
+                f"{state['windows_per_step'] * T} so the data stream continues; the micro-batch and the number of "
+                "processes may change")
+        self.position = state["windows"] // self.windows_per_step * self.accum
 
 
 def val_batches(data: TokenData, batch_size: int, block_size: int, rank: int = 0, world_size: int = 1,

@@ -2,7 +2,7 @@
 
     d, device = init_distributed("auto")     # one process, or join torchrun's group (NCCL / gloo)
     ...
-    reason = agree_stop(local_reason, d, device)   # any rank's reason stops every rank
+    stop, save_due = agree([stop, save_due], d, device)   # any rank's reason holds for every rank
     destroy(d)
 
 A plain `python bin/train` is one process without a group; under torchrun (even with one process) the
@@ -54,8 +54,24 @@ def init_distributed(device_arg: str) -> tuple[Dist, torch.device]:
     if use_cuda:
         torch.cuda.set_device(device)
     timeout = datetime.timedelta(seconds=float(os.environ.get("STORYLLAMA_DIST_TIMEOUT", "300")))
-    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout, device_id=device if use_cuda else None)
+    kw = dict(timeout=timeout, device_id=device if use_cuda else None)
+    store = _attempt_store(timeout)
+    if store is not None:
+        kw.update(store=store, rank=d.rank, world_size=d.world_size)
+    dist.init_process_group("nccl" if use_cuda else "gloo", **kw)
     return d, device
+
+
+def _attempt_store(timeout: datetime.timedelta):
+    """torchrun's own key-value store, under a prefix of its own for each restart of the worker group.
+
+    torchrun keeps that store across restarts; without a prefix, the restarted workers' process group read the
+    addresses the failed attempt's workers had published there, and gloo timed out connecting to a dead peer
+    (seen with --max-restarts on PyTorch 2.13). None outside torchrun's agent store: env:// then."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"storyllama/attempt_{restart_count()}/", base)
 
 
 def destroy() -> None:
@@ -64,22 +80,19 @@ def destroy() -> None:
         dist.destroy_process_group()
 
 
-def agree_stop(code: int, d: Dist, device: torch.device) -> str | None:
-    """Every rank's stop code -> one decision for all (a host sync: call it every few steps, not every step)."""
-    if d.enabled:
-        t = torch.tensor([code], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        code = int(t.item())
-    return STOP_REASONS[code]
-
-
-def gather_objects(obj, d: Dist) -> list:
-    """`obj` of every rank, in rank order, on every rank (a collective: all ranks call it)."""
+def agree(codes: list[int], d: Dist, device: torch.device) -> list[int]:
+    """Every rank's codes -> the largest of each over all ranks, the same on every rank (a host sync: call it
+    every few steps, not every step). Used for the stop reason and for a save that falls due by the clock."""
     if not d.enabled:
-        return [obj]
-    out: list = [None] * d.world_size
-    dist.all_gather_object(out, obj)
-    return out
+        return codes
+    t = torch.tensor(codes, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [int(v) for v in t.tolist()]
+
+
+def restart_count() -> int:
+    """How many times torchrun has restarted this worker group (0 on the first launch, and without torchrun)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
 def barrier(d: Dist) -> None:

@@ -154,14 +154,40 @@ def test_state_dict_resume_continues_the_stream(data_dir):
     for xa, ya in expected:
         xb, yb = b.next_batch()
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
-    for key, value in (("seed", 10), ("batch_size", 5), ("block_size", 8), ("world_size", 2)):
+    for key, value in (("seed", 10), ("block_size", 8)):
         with pytest.raises(DataError, match=key):
             b.load_state_dict({**state, key: value})
+    with pytest.raises(DataError, match=r"saved with 80 tokens per optimizer step; this one has 96"):
+        b.load_state_dict({**state, "windows_per_step": 5})
+
+
+def test_a_step_reads_the_same_windows_on_any_world_size(data_dir):
+    """G = W x B x A windows per optimizer step: (2 ranks, B 2, A 1), (1, 4, 1) and (1, 2, 2) read the same
+    windows at every step, and a position saved by one continues in another (resume on another world size)."""
+    d = TokenData(data_dir, "train")
+
+    def steps(layout: list[RandomBatches], n: int, start: int = 0) -> list[set[int]]:
+        A = layout[0].accum
+        return [{int(w) for rb in layout for m in range(A) for w in rb.window_ids((start + k) * A + m)}
+                for k in range(n)]
+
+    two = [RandomBatches(d, 2, 16, seed=4, rank=r, world_size=2) for r in range(2)]
+    one = [RandomBatches(d, 4, 16, seed=4)]
+    acc = [RandomBatches(d, 2, 16, seed=4, accum=2)]
+    n = two[0].steps_per_epoch + 3  # into the second epoch
+    assert steps(two, n) == steps(one, n) == steps(acc, n)
+    for rb in two:
+        rb.position = 5
+    saved = json.loads(json.dumps(two[0].state_dict()))
+    assert saved == two[1].state_dict() and saved["windows"] == 5 * 4
+    acc[0].load_state_dict(saved)
+    assert acc[0].position == 10
+    assert steps(acc, 4, start=5) == steps(two, 4, start=5)
 
 
 def test_too_few_windows_for_batch_and_world_is_clear(tmp_path):
     d = TokenData(make_data_dir(tmp_path / "s", [16 * 10 + 1]), "train")  # 9 shifted windows of T = 16
-    with pytest.raises(DataError, match=r"9 windows.*batch_size 4 x world_size 3 = 12"):
+    with pytest.raises(DataError, match=r"9 windows.*batch_size 4 x world_size 3 x accumulation 1 = 12"):
         RandomBatches(d, 4, 16, seed=0, world_size=3)
     with pytest.raises(DataError, match="fewer than batch_size 11"):
         next(val_batches(d, 11, 16))

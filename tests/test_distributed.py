@@ -96,7 +96,8 @@ def test_two_rank_run_resumes_exactly(builtin_data, tmp_path):
         assert res.returncode == 0, res.stderr[-3000:]
     assert losses(straight) == losses(halves)
     state = checkpoint.load_state(checkpoint.resolve(halves))
-    assert set(state["data"]) == {"0", "1"} and state["world_size"] == 2
+    # one global data position (windows consumed by all ranks), not one per rank
+    assert state["data"]["windows"] == 6 * 2 * 2 * 2 and state["world_size"] == 2
 
 
 def test_a_failing_rank_ends_the_job_with_an_error(builtin_data, tmp_path):
@@ -122,3 +123,51 @@ def test_a_nan_on_one_rank_is_skipped_by_every_rank(builtin_data, tmp_path):
     w0, w1 = torch.load(dump / "rank0.pt"), torch.load(dump / "rank1.pt")
     for k in w0:
         assert torch.equal(w0[k], w1[k]), f"the ranks drifted apart on {k}"
+
+
+def final_weights(run_dir: Path) -> dict:
+    model, _ = checkpoint.load_model(run_dir)
+    return model.state_dict()
+
+
+def assert_weights_close(a: dict, b: dict) -> None:
+    for k in a:  # the DDP tolerance above: reductions in another order, nothing more
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_torchrun_restarts_a_failed_worker_group_from_the_last_checkpoint(builtin_data, tmp_path):
+    """--max-restarts 1 and rank 1 failing once at step 3: the group restarts with the same command line,
+    resumes from the step-2 checkpoint by itself, exits 0, and ends where an uninterrupted run ends."""
+    common = ["--data", str(builtin_data), *SHAPE, "--batch_size", "2", "--total_iters", "6", "--save_interval", "2"]
+    straight, restarted = tmp_path / "straight", tmp_path / "restarted"
+    res = launch([*TORCHRUN, "bin/train", "--out", str(straight), *common])
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = launch([*_launcher, "--standalone", "--nproc_per_node=2", "--max-restarts=1", "bin/train", "--out",
+                  str(restarted), *common], env={"STORYLLAMA_TEST_FAIL_AT": "1:3", "STORYLLAMA_DIST_TIMEOUT": "60"},
+                 timeout=400)
+    assert res.returncode == 0, "\n".join(ln for ln in res.stderr.splitlines() if "Warning" not in ln)[-6000:]
+    assert "injected failure on rank 1 at step 3" in res.stderr
+    assert "torchrun restart 1: resuming from" in res.stderr and "step_000002 (step 2)" in res.stderr
+    assert checkpoint.load_state(checkpoint.resolve(restarted))["step"] == 6
+    assert_weights_close(final_weights(straight), final_weights(restarted))
+
+
+@pytest.mark.parametrize("first,then", [("2x2", "1x4"), ("1x4", "2x2")])
+def test_resume_on_another_world_size_with_the_same_tokens_per_step(builtin_data, tmp_path, first, then):
+    def cmd(layout: str, out: Path, *extra: str) -> list[str]:
+        procs, batch = layout.split("x")
+        launcher = [*_launcher, "--standalone", f"--nproc_per_node={procs}"] if procs != "1" else [sys.executable]
+        return [*launcher, "bin/train", "--data", str(builtin_data), "--out", str(out), *SHAPE, "--batch_size", batch,
+                *extra]
+
+    straight, moved = tmp_path / "straight", tmp_path / "moved"
+    for c in (cmd(first, straight, "--total_iters", "6"), cmd(first, moved, "--total_iters", "3"),
+              cmd(then, moved, "--total_iters", "6", "--resume", "auto")):
+        res = launch(c)
+        assert res.returncode == 0, res.stderr[-3000:]
+    assert checkpoint.load_state(checkpoint.resolve(moved))["data"]["windows"] == 6 * 4
+    assert_weights_close(final_weights(straight), final_weights(moved))
+    # other tokens per step: refused, naming both numbers
+    res = launch(cmd("1x2", moved, "--total_iters", "8", "--resume", "auto"))
+    assert res.returncode == 2
+    assert "saved with 256 tokens per optimizer step; this one has 128" in res.stderr.splitlines()[-1]
