@@ -250,3 +250,24 @@ def test_evaluations_do_not_recompile_the_training_graph(builtin_data, tmp_path)
 
     one, three = graphs(tmp_path / "one", "2"), graphs(tmp_path / "three", "6")
     assert three == one, (one, three)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: CUDA's sync debug mode checks the device queue")
+def test_the_training_step_does_not_sync_on_cuda(builtin_data, tmp_path, monkeypatch):
+    import storyllama.train as T
+
+    real_step = T.train_step
+
+    def strict(*a, **k):
+        torch.cuda.set_sync_debug_mode("error")  # any host-device synchronisation inside the step raises
+        try:
+            return real_step(*a, **k)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(T, "train_step", strict)
+    cfg, ns = T.parse_config(["--data", str(builtin_data), "--out", str(tmp_path / "run"), "--preset", "tiny",
+                              "--block_size", "64", "--batch_size", "4", "--total_iters", "6", "--log_interval", "3",
+                              "--device", "cuda", "--sample_tokens", "0", "--compile", "false"])
+    assert T.train(cfg, ns)["step"] == 6
