@@ -31,7 +31,7 @@ from storyllama.config import ModelConfig
 log = logging.getLogger(__name__)
 
 WEIGHTS, MODEL_CONFIG, OPTIMIZER, STATE = "model.safetensors", "model_config.json", "optimizer.pt", "trainer_state.json"
-TOKENIZER_FILES = ("meta.json", "tokenizer.tiktoken")
+TOKENIZER_FILES = ("meta.json", "tokenizer.tiktoken", "tokenizer.json")  # whichever the data has
 
 
 class CheckpointError(ValueError):

@@ -1,0 +1,160 @@
+"""Export a checkpoint to one GGUF file (llama.cpp's format, written with its own `gguf` package).
+
+    bin/export --run RUN_DIR --format gguf --out story.gguf
+
+What llama.cpp reads for a Llama ("llama" architecture):
+- hyper-parameters: llama.context_length, embedding_length, block_count, feed_forward_length,
+  attention.head_count(_kv), rope.dimension_count (head_dim), rope.freq_base, attention.layer_norm_rms_epsilon;
+- tensors under llama.cpp's names (token_embd, blk.N.attn_q, ..., output_norm, output), float32;
+- the tokenizer: tokenizer.ggml.model = "gpt2" (byte-level BPE), tokenizer.ggml.pre = "gpt-2" (our BPEs
+  split text with GPT-2's pattern; llama.cpp cannot recognise a corpus-trained BPE by its hash, so we name
+  it), the tokens in id order (byte-level strings, as in tokenizer.json), their types, the merges, and
+  EOT as both bos and eos (add_bos false: our documents start after an EOT, never with a BOS).
+
+RoPE layout: our q and k rows are in the half-split layout (pairs (i, i + D/2) of each head, as in
+transformers); llama.cpp's Llama rotates adjacent pairs (2i, 2i + 1), Meta's original layout. So wq and wk
+are permuted per head: row i of the first half goes to 2i, row i of the second half to 2i + 1
+(`to_interleaved`). The model's padding rows past the tokenizer's vocabulary become unused tokens "[PADn]".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from storyllama.checkpoint import WEIGHTS, CheckpointError, load_model_config, resolve
+from storyllama.config import ModelConfig
+
+# our name -> llama.cpp's, per layer
+_LAYER = {
+    "attention_norm.weight": "attn_norm.weight",
+    "attention.wq.weight": "attn_q.weight",
+    "attention.wk.weight": "attn_k.weight",
+    "attention.wv.weight": "attn_v.weight",
+    "attention.wo.weight": "attn_output.weight",
+    "ffn_norm.weight": "ffn_norm.weight",
+    "feed_forward.w1.weight": "ffn_gate.weight",
+    "feed_forward.w3.weight": "ffn_up.weight",
+    "feed_forward.w2.weight": "ffn_down.weight",
+}
+
+
+def to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Half-split RoPE rows -> adjacent-pair rows, per head (see the module docstring)."""
+    rows, cols = w.shape
+    d = rows // n_heads
+    return w.view(n_heads, 2, d // 2, cols).transpose(1, 2).reshape(rows, cols)  # (H, D/2, 2, C) -> (H*D, C)
+
+
+def to_half_split(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Adjacent-pair RoPE rows (Meta, llama2.c, llama.cpp) -> half-split rows (ours, transformers')."""
+    rows, cols = w.shape
+    d = rows // n_heads
+    return w.view(n_heads, d // 2, 2, cols).transpose(1, 2).reshape(rows, cols)  # (H, 2, D/2, C) -> (H*D, C)
+
+
+def gguf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """Our state dict -> llama.cpp's tensor names and layout (float32 numpy arrays)."""
+    out = {"token_embd.weight": state["tok_embeddings.weight"], "output_norm.weight": state["norm.weight"]}
+    if not cfg.tie_embeddings:
+        out["output.weight"] = state["output.weight"]  # absent: llama.cpp uses token_embd for the head
+    for i in range(cfg.n_layers):
+        for ours, theirs in _LAYER.items():
+            w = state[f"layers.{i}.{ours}"]
+            if ours == "attention.wq.weight":
+                w = to_interleaved(w, cfg.n_heads)
+            elif ours == "attention.wk.weight":
+                w = to_interleaved(w, cfg.n_kv_heads)
+            out[f"blk.{i}.{theirs}"] = w
+    return {k: v.detach().to(torch.float32).contiguous().numpy() for k, v in out.items()}
+
+
+def export_gguf(path: str | Path, out: str | Path) -> Path:
+    """Write checkpoint `path` (or a run's latest) as the GGUF file `out`; returns `out`."""
+    import gguf
+
+    from data_prep.tokenizer import load_ranks
+    from storyllama.export import _Staging, _tokenizer_info, check_out
+
+    ckpt = resolve(path)
+    cfg = load_model_config(ckpt)
+    out = Path(out)
+    check_out(out, kind="file")
+    tok = _tokenizer_info(ckpt)
+    if tok.get("kind") == "hf":
+        raise ValueError(f"checkpoint {ckpt} uses an imported tokenizer.json; GGUF export supports our byte-level BPE "
+                         "tokenizers (gpt2, bpe:N) only: export with --format hf and convert that directory with "
+                         "llama.cpp's convert_hf_to_gguf.py")
+    ranks = load_ranks(ckpt / tok["file"])
+    from data_prep.hf_tokenizer import ranks_to_tokens_and_merges
+
+    tokens, merges = ranks_to_tokens_and_merges(ranks)
+    eot_id = tok["eot_id"]
+    if eot_id != len(tokens):
+        raise CheckpointError(f"{ckpt / 'meta.json'}: eot_id {eot_id} does not follow the {len(tokens):,} ranks")
+    tokens.append(tok.get("special", "<|endoftext|>"))
+    types = [gguf.TokenType.NORMAL] * len(ranks) + [gguf.TokenType.CONTROL]
+    pad = cfg.vocab_size - len(tokens)
+    tokens += [f"[PAD{i}]" for i in range(pad)]
+    types += [gguf.TokenType.UNUSED] * pad
+    try:
+        state = load_file(str(ckpt / WEIGHTS))
+    except Exception as e:  # safetensors' own error types for cut or corrupt files
+        raise CheckpointError(f"cannot read {ckpt / WEIGHTS}: {e}; use an earlier checkpoint") from e
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _Staging(out) as tmp:
+        w = gguf.GGUFWriter(str(tmp / out.name), "llama")
+        w.add_name(out.stem)
+        w.add_string("storyllama.exported_from", str(ckpt))  # marks the file as ours (a re-export may replace it)
+        w.add_context_length(cfg.block_size)
+        w.add_embedding_length(cfg.dim)
+        w.add_block_count(cfg.n_layers)
+        w.add_feed_forward_length(cfg.hidden_dim)
+        w.add_head_count(cfg.n_heads)
+        w.add_head_count_kv(cfg.n_kv_heads)
+        w.add_rope_dimension_count(cfg.head_dim)
+        w.add_rope_freq_base(cfg.rope_theta)
+        w.add_layer_norm_rms_eps(cfg.norm_eps)
+        w.add_vocab_size(cfg.vocab_size)
+        w.add_file_type(gguf.LlamaFileType.ALL_F32)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("gpt-2")
+        w.add_token_list(tokens)
+        w.add_token_types([int(t) for t in types])
+        w.add_token_merges([f"{a} {b}" for a, b in merges])
+        w.add_bos_token_id(eot_id)
+        w.add_eos_token_id(eot_id)
+        w.add_add_bos_token(False)
+        for name, arr in gguf_tensors(state, cfg).items():
+            w.add_tensor(name, arr)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        with open(tmp / out.name, "rb") as f:
+            os.fsync(f.fileno())
+        check_out(out, kind="file")
+        os.replace(tmp / out.name, out)
+    return out
+
+
+def gguf_metadata(path: str | Path) -> dict:
+    """The GGUF file's key-value metadata as plain Python values (strings, numbers, lists), for tests and tools."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    return {name: field.contents() for name, field in reader.fields.items()}
+
+
+if __name__ == "__main__":  # python -m storyllama.gguf_export FILE: print the metadata (lists shortened)
+    import sys
+
+    meta = gguf_metadata(sys.argv[1])
+    print(json.dumps({k: (v[:8] + ["..."] if isinstance(v, list) and len(v) > 8 else v) for k, v in meta.items()},
+                     indent=1, default=str))
