@@ -138,12 +138,12 @@ def _is_our_gguf(path: Path) -> bool:
 
 
 class _Staging:
-    """The temporary sibling `.NAME.export-tmp` of --out, locked while one export writes into it."""
+    """The temporary sibling `.NAME.<tool>-tmp` of --out, locked while one writer (export, import) fills it."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, tool: str = "export"):
         self.out = out
-        self.tmp = out.with_name(f".{out.name}.export-tmp")
-        self.lock = DirLock(self.tmp, "bin/export")
+        self.tmp = out.with_name(f".{out.name}.{tool}-tmp")
+        self.lock = DirLock(self.tmp, f"bin/{tool}")
 
     def __enter__(self) -> Path:
         self.lock.acquire()  # LockedError (a ValueError) names the other export
