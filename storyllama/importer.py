@@ -387,7 +387,8 @@ def init_weights_from(model: torch.nn.Module, path: str | Path, data_meta: dict 
     ckpt = checkpoint.resolve(path)
     theirs = asdict(checkpoint.load_model_config(ckpt))
     mine = asdict(model.cfg)
-    diff = [f"{k}: checkpoint {theirs[k]}, model {mine[k]}" for k in mine if k != "dropout" and theirs.get(k) != mine[k]]
+    diff = [f"{k}: checkpoint {theirs.get(k)}, model {v}" for k, v in mine.items()
+            if k != "dropout" and theirs.get(k) != v]
     if diff:
         raise ValueError(f"--init_from {ckpt}: its model differs from this one ({'; '.join(diff)}); drop the model "
                          "flags to take its shape")
