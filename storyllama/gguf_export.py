@@ -9,7 +9,9 @@ What llama.cpp reads for a Llama ("llama" architecture):
 - the tokenizer: tokenizer.ggml.model = "gpt2" (byte-level BPE), tokenizer.ggml.pre = "gpt-2" (our BPEs
   split text with GPT-2's pattern; llama.cpp cannot recognise a corpus-trained BPE by its hash, so we name
   it), the tokens in id order (byte-level strings, as in tokenizer.json), their types, the merges, and
-  EOT as both bos and eos (add_bos false: our documents start after an EOT, never with a BOS).
+  EOT as both bos and eos (add_bos false: our documents start after an EOT, never with a BOS). An imported
+  SentencePiece-style tokenizer (llama2.c's, Llama-2's) goes as llama.cpp's "llama" tokenizer instead:
+  tokens, scores and types (see `gguf_vocab`).
 
 RoPE layout: our q and k rows are in the half-split layout (pairs (i, i + D/2) of each head, as in
 transformers); llama.cpp's Llama rotates adjacent pairs (2i, 2i + 1), Meta's original layout. So wq and wk
@@ -74,11 +76,85 @@ def gguf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, 
     return {k: v.detach().to(torch.float32).contiguous().numpy() for k, v in out.items()}
 
 
+def gguf_vocab(ckpt: Path, tok: dict, cfg: ModelConfig) -> dict:
+    """The tokenizer as llama.cpp wants it: model, pre, tokens (one per embedding row), types, merges or scores.
+
+    - our tiktoken ranks, or an imported byte-level BPE tokenizer.json: model "gpt2", pre "gpt-2", merges;
+    - an imported SentencePiece-style tokenizer.json (Llama-2's, llama2.c's: byte fallback, "▁" for spaces):
+      model "llama", scores (-id: SentencePiece merges the best-scored, i.e. lowest-id, piece first), byte tokens.
+    Rows past the tokenizer (padding to a multiple of 64) become unused tokens "[PADn]".
+    """
+    import gguf
+
+    from data_prep.hf_tokenizer import ranks_to_tokens_and_merges
+    from data_prep.tokenizer import load_encoding, load_ranks
+
+    T = gguf.TokenType
+    eot_id = tok["eot_id"]
+    if tok.get("kind") != "hf":
+        ranks = load_ranks(ckpt / tok["file"])
+        tokens, pairs = ranks_to_tokens_and_merges(ranks)
+        if eot_id != len(tokens):
+            raise CheckpointError(f"{ckpt / 'meta.json'}: eot_id {eot_id} does not follow the {len(tokens):,} ranks")
+        tokens.append(tok.get("special", "<|endoftext|>"))
+        out = {"model": "gpt2", "pre": "gpt-2", "tokens": tokens, "types": [T.NORMAL] * len(ranks) + [T.CONTROL],
+               "merges": [f"{a} {b}" for a, b in pairs], "bos": eot_id, "eos": eot_id, "add_bos": False}
+    else:
+        hf = load_encoding(ckpt).tokenizer
+        conf = json.loads(hf.to_str())
+        model = conf.get("model") or {}
+        if model.get("type") != "BPE":
+            raise ValueError(f"checkpoint {ckpt}: its tokenizer.json is a {model.get('type')} model; GGUF export "
+                             "handles BPE tokenizers only (byte-level, or SentencePiece-style with byte fallback)")
+        vocab = hf.get_vocab(with_added_tokens=True)
+        tokens = [""] * (max(vocab.values()) + 1)
+        for t, i in vocab.items():
+            tokens[i] = t
+        added = {i for i, t in hf.get_added_tokens_decoder().items() if t.special}
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+        dumped = json.dumps(conf.get("pre_tokenizer")) + json.dumps(conf.get("decoder"))
+        if '"ByteLevel"' in dumped:
+            pre = conf.get("pre_tokenizer") or {}
+            pats = [json.dumps(x) for x in ([pre] + pre.get("pretokenizers", []))]
+            gpt2_split = any('"Split"' in x and "p{L}+" in x for x in pats) or (pre.get("type") == "ByteLevel" and
+                                                                              pre.get("use_regex", True))
+            if not gpt2_split:
+                raise ValueError(f"checkpoint {ckpt}: its byte-level tokenizer.json splits text in a way llama.cpp's "
+                                 "gpt-2 pre-tokenizer may not; convert the --format hf export with llama.cpp's own "
+                                 "convert_hf_to_gguf.py instead")
+            types = [T.CONTROL if i in added else T.NORMAL for i in range(len(tokens))]
+            out = {"model": "gpt2", "pre": "gpt-2", "tokens": tokens, "types": types, "merges": merges,
+                   "bos": eot_id, "eos": eot_id, "add_bos": False}
+        elif model.get("byte_fallback"):
+            unk = model.get("unk_token")
+            types, scores = [], []
+            for i, t in enumerate(tokens):
+                kind = (T.UNKNOWN if t == unk else T.CONTROL if i in added else
+                        T.BYTE if len(t) == 6 and t.startswith("<0x") and t.endswith(">") else T.NORMAL)
+                types.append(kind)
+                scores.append(-float(i) if kind == T.NORMAL else 0.0)
+            bos = vocab.get("<s>", eot_id)
+            out = {"model": "llama", "tokens": tokens, "types": types, "scores": scores, "bos": bos, "eos": eot_id,
+                   "add_bos": "<s>" in vocab}
+        else:
+            raise ValueError(f"checkpoint {ckpt}: its tokenizer.json is neither byte-level nor SentencePiece-style "
+                             "with byte fallback; convert the --format hf export with llama.cpp's "
+                             "convert_hf_to_gguf.py")
+    pad = cfg.vocab_size - len(out["tokens"])
+    if pad < 0:
+        raise CheckpointError(f"checkpoint {ckpt}: the tokenizer has {len(out['tokens']):,} tokens, the model "
+                              f"{cfg.vocab_size:,} rows")
+    out["tokens"] = out["tokens"] + [f"[PAD{i}]" for i in range(pad)]
+    out["types"] = out["types"] + [T.UNUSED] * pad
+    if out.get("scores") is not None:
+        out["scores"] = out["scores"] + [0.0] * pad
+    return out
+
+
 def export_gguf(path: str | Path, out: str | Path) -> Path:
     """Write checkpoint `path` (or a run's latest) as the GGUF file `out`; returns `out`."""
     import gguf
 
-    from data_prep.tokenizer import load_ranks
     from storyllama.export import _Staging, _tokenizer_info, check_out
 
     ckpt = resolve(path)
@@ -86,22 +162,7 @@ def export_gguf(path: str | Path, out: str | Path) -> Path:
     out = Path(out)
     check_out(out, kind="file")
     tok = _tokenizer_info(ckpt)
-    if tok.get("kind") == "hf":
-        raise ValueError(f"checkpoint {ckpt} uses an imported tokenizer.json; GGUF export supports our byte-level BPE "
-                         "tokenizers (gpt2, bpe:N) only: export with --format hf and convert that directory with "
-                         "llama.cpp's convert_hf_to_gguf.py")
-    ranks = load_ranks(ckpt / tok["file"])
-    from data_prep.hf_tokenizer import ranks_to_tokens_and_merges
-
-    tokens, merges = ranks_to_tokens_and_merges(ranks)
-    eot_id = tok["eot_id"]
-    if eot_id != len(tokens):
-        raise CheckpointError(f"{ckpt / 'meta.json'}: eot_id {eot_id} does not follow the {len(tokens):,} ranks")
-    tokens.append(tok.get("special", "<|endoftext|>"))
-    types = [gguf.TokenType.NORMAL] * len(ranks) + [gguf.TokenType.CONTROL]
-    pad = cfg.vocab_size - len(tokens)
-    tokens += [f"[PAD{i}]" for i in range(pad)]
-    types += [gguf.TokenType.UNUSED] * pad
+    vocab = gguf_vocab(ckpt, tok, cfg)
     try:
         state = load_file(str(ckpt / WEIGHTS))
     except Exception as e:  # safetensors' own error types for cut or corrupt files
@@ -123,14 +184,20 @@ def export_gguf(path: str | Path, out: str | Path) -> Path:
         w.add_layer_norm_rms_eps(cfg.norm_eps)
         w.add_vocab_size(cfg.vocab_size)
         w.add_file_type(gguf.LlamaFileType.ALL_F32)
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("gpt-2")
-        w.add_token_list(tokens)
-        w.add_token_types([int(t) for t in types])
-        w.add_token_merges([f"{a} {b}" for a, b in merges])
-        w.add_bos_token_id(eot_id)
-        w.add_eos_token_id(eot_id)
-        w.add_add_bos_token(False)
+        w.add_tokenizer_model(vocab["model"])
+        if vocab.get("pre"):
+            w.add_tokenizer_pre(vocab["pre"])
+        w.add_token_list(vocab["tokens"])
+        w.add_token_types([int(t) for t in vocab["types"]])
+        if vocab.get("scores") is not None:
+            w.add_token_scores(vocab["scores"])
+        if vocab.get("merges"):
+            w.add_token_merges(vocab["merges"])
+        w.add_bos_token_id(vocab["bos"])
+        w.add_eos_token_id(vocab["eos"])
+        w.add_add_bos_token(vocab["add_bos"])
+        if vocab["model"] == "llama":
+            w.add_add_space_prefix(True)
         for name, arr in gguf_tensors(state, cfg).items():
             w.add_tensor(name, arr)
         w.write_header_to_file()

@@ -350,3 +350,26 @@ def test_init_weights_from_checks_shape_and_tokenizer(tmp_path):
     with pytest.raises(ValueError, match="n_layers: checkpoint 2, model 3"):
         init_weights_from(Llama(cfg), run)
     shutil.rmtree(run)
+
+
+def test_imported_runs_export_to_gguf_with_their_tokenizer(tmp_path):
+    gguf = pytest.importorskip("gguf", reason="GGUF export needs the gguf package")
+    from storyllama.export import export
+    from storyllama.gguf_export import gguf_metadata
+
+    src, _ = hf_model_dir(tmp_path, tied=True)
+    m = gguf_metadata(export(import_model(src, tmp_path / "run_hf"), tmp_path / "hf.gguf", format="gguf"))
+    vocab = json.loads((src / "tokenizer.json").read_text())["model"]
+    assert m["tokenizer.ggml.model"] == "gpt2" and m["tokenizer.ggml.pre"] == "gpt-2"
+    assert m["tokenizer.ggml.tokens"][:300] == sorted(vocab["vocab"], key=vocab["vocab"].get)
+    assert len(m["tokenizer.ggml.merges"]) == len(vocab["merges"]) and m["tokenizer.ggml.eos_token_id"] == 0
+    assert m["tokenizer.ggml.token_type"][0] == gguf.TokenType.CONTROL and len(m["tokenizer.ggml.tokens"]) == 320
+
+    pt, _, _ = write_llama2c(tmp_path / "l2c")
+    m = gguf_metadata(export(import_model(pt, tmp_path / "run_l2c"), tmp_path / "l2c.gguf", format="gguf"))
+    tokens, types = m["tokenizer.ggml.tokens"], m["tokenizer.ggml.token_type"]
+    assert m["tokenizer.ggml.model"] == "llama" and len(tokens) == 448 and tokens[:3] == ["<unk>", "<s>", "</s>"]
+    assert types[:4] == [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL, gguf.TokenType.BYTE]
+    assert tokens[3] == "<0x00>" and m["tokenizer.ggml.scores"][300] == -300.0
+    assert (m["tokenizer.ggml.bos_token_id"], m["tokenizer.ggml.eos_token_id"]) == (1, 1)
+    assert m["tokenizer.ggml.add_bos_token"] is True
