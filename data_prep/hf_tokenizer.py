@@ -292,19 +292,20 @@ def sentencepiece_to_hf_tokenizer(model_file: str | Path):
                                "(Llama-2's, llama2.c's) is converted exactly")
     pieces = [(p.piece, p.score, p.type) for p in proto.pieces]  # type 1 normal, 2 unknown, 3 control, 6 byte
     vocab = {piece: i for i, (piece, _, _) in enumerate(pieces)}
-    # SentencePiece BPE merges, at each step, the adjacent pair whose concatenation scores highest (pieces are
-    # stored best first, so: lowest id). Every split of every normal piece, by that id, gives the same steps.
-    merges: list[tuple[int, int, int]] = []
-    for i, (piece, _, kind) in enumerate(pieces):
+    # SentencePiece BPE merges, at each step, the adjacent pair whose concatenation has the highest score. The
+    # scores mostly fall with the id, but not always (Llama-2's whitespace runs "▁▁" score -1e9): so every split
+    # of every normal piece, ordered by the score of the piece it makes (then its id), gives the same steps.
+    merges: list[tuple[float, int, int, int]] = []
+    for i, (piece, score, kind) in enumerate(pieces):
         if kind != 1:
             continue
         for cut in range(1, len(piece)):
             left, right = vocab.get(piece[:cut]), vocab.get(piece[cut:])
             if left is not None and right is not None and pieces[left][2] == 1 and pieces[right][2] == 1:
-                merges.append((i, left, right))
+                merges.append((-score, i, left, right))
     merges.sort()
     unk = pieces[proto.trainer_spec.unk_id][0] if proto.trainer_spec.unk_id >= 0 else None
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[(pieces[a][0], pieces[b][0]) for _, a, b in merges],
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[(pieces[a][0], pieces[b][0]) for _, _, a, b in merges],
                                unk_token=unk, fuse_unk=True, byte_fallback=proto.trainer_spec.byte_fallback))
     steps = []
     if norm.remove_extra_whitespaces:  # SentencePiece drops leading, trailing and repeated spaces

@@ -285,14 +285,22 @@ def is_hf_spec(name: str) -> bool:
 
 def load_hf_spec(name: str):
     """`hf:PATH_OR_DIR` -> HFEncoding (a tokenizer.json, or a directory or run holding one); errors are
-    TokenizerErrors, a vocabulary over 65,536 among them."""
-    from .hf_tokenizer import HFTokenizerError, load_hf_encoding
+    TokenizerErrors, a vocabulary over 65,536 among them. Beside a meta.json of ours (a run, a checkpoint, a data
+    directory) the end-of-text id is the one it records (e.g. BOS for an imported llama2.c model)."""
+    from .hf_tokenizer import HFTokenizerError, find_tokenizer_json, load_hf_encoding
 
     path = name[len(HF_PREFIX):]
     if not path:
         raise TokenizerError("--tokenizer hf: needs a path: hf:PATH_TO/tokenizer.json or hf:MODEL_OR_RUN_DIR")
     try:
-        return load_hf_encoding(path)
+        found = find_tokenizer_json(path)
+        try:
+            ours = json.loads((found.parent / "meta.json").read_text())["tokenizer"]
+        except (OSError, ValueError, KeyError, TypeError):
+            ours = None
+        if isinstance(ours, dict) and ours.get("kind") == "hf" and ours.get("file") == found.name:
+            return load_encoding(found.parent)
+        return load_hf_encoding(found)
     except HFTokenizerError as e:
         raise TokenizerError(f"--tokenizer {name}: {e}") from None
 

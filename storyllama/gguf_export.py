@@ -81,7 +81,7 @@ def gguf_vocab(ckpt: Path, tok: dict, cfg: ModelConfig) -> dict:
 
     - our tiktoken ranks, or an imported byte-level BPE tokenizer.json: model "gpt2", pre "gpt-2", merges;
     - an imported SentencePiece-style tokenizer.json (Llama-2's, llama2.c's: byte fallback, "▁" for spaces):
-      model "llama", scores (-id: SentencePiece merges the best-scored, i.e. lowest-id, piece first), byte tokens.
+      model "llama", scores (minus the rank of the merge that makes each token), byte tokens.
     Rows past the tokenizer (padding to a multiple of 64) become unused tokens "[PADn]".
     """
     import gguf
@@ -126,13 +126,18 @@ def gguf_vocab(ckpt: Path, tok: dict, cfg: ModelConfig) -> dict:
             out = {"model": "gpt2", "pre": "gpt-2", "tokens": tokens, "types": types, "merges": merges,
                    "bos": eot_id, "eos": eot_id, "add_bos": False}
         elif model.get("byte_fallback"):
+            # llama.cpp's SentencePiece tokenizer merges the adjacent pair whose result scores highest; a token's
+            # score here is minus the rank of the first merge that makes it (tokenizer.json keeps no scores).
+            made_at: dict[str, int] = {}
+            for rank, m in enumerate(merges):
+                made_at.setdefault(m.replace(" ", "", 1), rank)
             unk = model.get("unk_token")
             types, scores = [], []
             for i, t in enumerate(tokens):
                 kind = (T.UNKNOWN if t == unk else T.CONTROL if i in added else
                         T.BYTE if len(t) == 6 and t.startswith("<0x") and t.endswith(">") else T.NORMAL)
                 types.append(kind)
-                scores.append(-float(i) if kind == T.NORMAL else 0.0)
+                scores.append(-float(made_at.get(t, 0 if len(t) == 1 else 1e9)) if kind == T.NORMAL else 0.0)
             bos = vocab.get("<s>", eot_id)
             out = {"model": "llama", "tokens": tokens, "types": types, "scores": scores, "bos": bos, "eos": eot_id,
                    "add_bos": "<s>" in vocab}

@@ -187,6 +187,9 @@ def test_llama2c_import_gives_the_source_logits_and_greedy(tmp_path, tied):
     # greedy: ours (KV cache) against the reference recomputing the whole sequence each step
     enc = load_encoding(ckpt)
     assert enc.eot_token == 1  # llama2.c separates stories by BOS
+    from data_prep.tokenizer import load_hf_spec
+
+    assert load_hf_spec(f"hf:{run}").eot_token == 1  # what prepare_data --tokenizer hf:RUN takes
     prompt = [1] + enc.encode_ordinary("Once upon a time")
     ours = generate(model, [prompt], SampleConfig(max_new_tokens=12, temperature=0.0), None, 448)[0]
     seq = list(prompt)
@@ -370,6 +373,11 @@ def test_imported_runs_export_to_gguf_with_their_tokenizer(tmp_path):
     tokens, types = m["tokenizer.ggml.tokens"], m["tokenizer.ggml.token_type"]
     assert m["tokenizer.ggml.model"] == "llama" and len(tokens) == 448 and tokens[:3] == ["<unk>", "<s>", "</s>"]
     assert types[:4] == [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL, gguf.TokenType.BYTE]
-    assert tokens[3] == "<0x00>" and m["tokenizer.ggml.scores"][300] == -300.0
+    assert tokens[3] == "<0x00>"
+    merges = json.loads((tmp_path / "run_l2c" / "tokenizer.json").read_text())["model"]["merges"]
+    merges = [x if isinstance(x, str) else " ".join(x) for x in merges]
+    scores = m["tokenizer.ggml.scores"]
+    first, later = (tokens.index(x.replace(" ", "")) for x in (merges[0], merges[10]))
+    assert scores[first] == 0.0 and scores[later] <= -10.0  # earlier merges score higher
     assert (m["tokenizer.ggml.bos_token_id"], m["tokenizer.ggml.eos_token_id"]) == (1, 1)
     assert m["tokenizer.ggml.add_bos_token"] is True
