@@ -13,6 +13,11 @@ vocabulary of N means N - 1 ranks + EOT, and every id fits the shards' uint16 wh
 The ranks are saved beside the shards as `tokenizer.tiktoken` (tiktoken's own file format: one
 `base64(token) rank` line per token), and `load_encoding(dir)` rebuilds the encoding from that file
 and `meta.json` alone, with no network.
+
+The second kind, `hf:PATH_OR_DIR`, is a Hugging Face `tokenizer.json` (e.g. an imported Llama's 32,000
+tokens with byte fallback): meta.json then says `"kind": "hf"` and names `tokenizer.json`, and
+`load_encoding` returns a `data_prep.hf_tokenizer.HFEncoding`, which answers the same names
+(`encode_ordinary`, `encode`, `decode`, `decode_single_token_bytes`, `eot_token`, `n_vocab`).
 """
 
 from __future__ import annotations
@@ -30,6 +35,10 @@ import tiktoken
 EOT = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.tiktoken"
 MAX_VOCAB = 65_536  # uint16 shards hold ids 0..65,535
+# sha256 of GPT-2's ranks in tiktoken's file format (sorted by rank, one "base64 rank" line each), as the
+# file tiktoken publishes; a ranks file whose content hashes otherwise is not GPT-2's.
+GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+HF_PREFIX = "hf:"
 GPT2_RANKS = 50_256  # GPT-2 has 50,256 byte-pair ranks; <|endoftext|> is 50,256, so the vocabulary is 50,257
 # GPT-2's pre-tokenization pattern (contractions, letters, numbers, other symbols, whitespace runs),
 # as tiktoken writes it; the trained BPE uses it too.
@@ -102,6 +111,14 @@ def check_ranks(ranks: dict[bytes, int], where: str) -> None:
                              "uint16 token shards hold; use a smaller vocabulary")
 
 
+def ranks_sha256(ranks: dict[bytes, int]) -> str:
+    """sha256 of `ranks` written in tiktoken's file format (what `dump_ranks` writes), whatever file they came from."""
+    h = hashlib.sha256()
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        h.update(base64.b64encode(token) + b" " + str(rank).encode() + b"\n")
+    return h.hexdigest()
+
+
 def dump_ranks(ranks: dict[bytes, int], path: str | Path) -> None:
     """Write ranks in tiktoken's file format, sorted by rank, atomically (temporary name, rename)."""
     path = Path(path)
@@ -139,6 +156,12 @@ def gpt2_ranks(tokenizer_file: str | Path | None = None) -> dict[bytes, int]:
     if len(ranks) != GPT2_RANKS:
         raise TokenizerError(f"{where} has {len(ranks):,} ranks, but GPT-2 has {GPT2_RANKS:,}: it is not the "
                              "GPT-2 ranks file; pass gpt2.tiktoken, or use --tokenizer bpe:N")
+    digest = ranks_sha256(ranks)
+    if digest != GPT2_RANKS_SHA256:
+        # Same size, other ranks (e.g. two swapped): the ids would not be GPT-2's, so the name would lie.
+        raise TokenizerError(f"{where} is not GPT-2's ranks: its ranks hash to sha256 {digest}, GPT-2's to "
+                             f"{GPT2_RANKS_SHA256}; pass the real gpt2.tiktoken, or use this file as a BPE of its own "
+                             f"with --tokenizer bpe:{GPT2_RANKS + 1} --tokenizer_file {where}")
     return ranks
 
 
@@ -207,8 +230,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> dict[bytes, int]:
 # Reading a data (or run) directory back
 
 
-def load_encoding(data_dir: str | Path) -> tiktoken.Encoding:
-    """The tiktoken encoding of a prepared data directory, from its meta.json and tokenizer.tiktoken.
+def load_encoding(data_dir: str | Path):
+    """The encoding of a prepared data (or run, or checkpoint) directory, from its meta.json and the tokenizer
+    file it names: a tiktoken Encoding for `tokenizer.tiktoken`, an HFEncoding for `tokenizer.json`.
 
     Works on any directory holding those two files (the trainer copies them into its run directory).
     Checks the file's sha256 and size against meta.json, so a directory whose tokenizer does not
@@ -221,8 +245,8 @@ def load_encoding(data_dir: str | Path) -> tiktoken.Encoding:
                              "(or point to a run directory the trainer wrote)")
     try:
         info = json.loads(meta_path.read_text())["tokenizer"]
-        name, vocab, eot, file, sha, pat = (info[k] for k in ("name", "vocab_size", "eot_id", "file", "sha256",
-                                                                 "pat_str"))
+        name, vocab, eot, file, sha = (info[k] for k in ("name", "vocab_size", "eot_id", "file", "sha256"))
+        pat = info["pat_str"] if info.get("kind", "tiktoken") == "tiktoken" else None
     except (ValueError, KeyError, TypeError) as e:
         raise TokenizerError(f"{meta_path} is not a prepare_data meta.json ({type(e).__name__}: {e}); "
                              "prepare the data again") from None
@@ -233,8 +257,69 @@ def load_encoding(data_dir: str | Path) -> tiktoken.Encoding:
     if file_sha256(path) != sha:
         raise TokenizerError(f"{path} does not match {meta_path} (sha256 differs): the tokenizer file belongs "
                              "to other data; restore the right file or prepare the data again")
+    if info.get("kind") == "hf":
+        from .hf_tokenizer import HFTokenizerError, load_hf_encoding
+
+        try:
+            enc = load_hf_encoding(path, eot_id=eot, name=name)
+        except HFTokenizerError as e:
+            raise TokenizerError(str(e)) from None
+        if enc.n_vocab != vocab:
+            raise TokenizerError(f"{path} has {enc.n_vocab:,} tokens, but {meta_path} says vocab_size {vocab:,}; "
+                                 "prepare the data again")
+        return enc
     ranks = load_ranks(path)
     if len(ranks) + 1 != vocab or eot != len(ranks):
         raise TokenizerError(f"{path} has {len(ranks):,} ranks, but {meta_path} says vocab_size {vocab:,} and "
                              f"eot_id {eot:,}; prepare the data again")
     return make_encoding(name, ranks, pat)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face tokenizer.json (the `hf:PATH_OR_DIR` kind)
+
+
+def is_hf_spec(name: str) -> bool:
+    return name.startswith(HF_PREFIX)
+
+
+def load_hf_spec(name: str):
+    """`hf:PATH_OR_DIR` -> HFEncoding (a tokenizer.json, or a directory or run holding one); errors are
+    TokenizerErrors, a vocabulary over 65,536 among them. Beside a meta.json of ours (a run, a checkpoint, a data
+    directory) the end-of-text id is the one it records (e.g. BOS for an imported llama2.c model)."""
+    from .hf_tokenizer import HFTokenizerError, find_tokenizer_json, load_hf_encoding
+
+    path = name[len(HF_PREFIX):]
+    if not path:
+        raise TokenizerError("--tokenizer hf: needs a path: hf:PATH_TO/tokenizer.json or hf:MODEL_OR_RUN_DIR")
+    try:
+        found = find_tokenizer_json(path)
+        try:
+            ours = json.loads((found.parent / "meta.json").read_text())["tokenizer"]
+        except (OSError, ValueError, KeyError, TypeError):
+            ours = None
+        if isinstance(ours, dict) and ours.get("kind") == "hf" and ours.get("file") == found.name:
+            return load_encoding(found.parent)
+        return load_hf_encoding(found)
+    except HFTokenizerError as e:
+        raise TokenizerError(f"--tokenizer {name}: {e}") from None
+
+
+def write_hf_tokenizer(enc, out_dir: str | Path, source: str | None = None) -> dict:
+    """Write `enc`'s tokenizer.json into `out_dir` (atomically) and return meta.json's "tokenizer" entry.
+
+    The name is "hf" whatever path it came from, and the sha256 is of the file written, so data prepared
+    with `hf:RUN_DIR` matches the run's own tokenizer (the trainer compares name and sha256)."""
+    from .hf_tokenizer import HF_TOKENIZER_FILE
+
+    out_dir = Path(out_dir)
+    path = out_dir / HF_TOKENIZER_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(enc.tokenizer.to_str(pretty=False))
+    os.replace(tmp, path)
+    eot_text = enc.decode_single_token_bytes(enc.eot_token).decode("utf-8", errors="replace")
+    entry = {"name": "hf", "kind": "hf", "vocab_size": enc.n_vocab, "eot_id": enc.eot_token,
+             "file": HF_TOKENIZER_FILE, "sha256": file_sha256(path), "special": eot_text}
+    if source is not None:
+        entry["source"] = source
+    return entry

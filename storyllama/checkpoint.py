@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 WEIGHTS, MODEL_CONFIG, OPTIMIZER, STATE = "model.safetensors", "model_config.json", "optimizer.pt", "trainer_state.json"
 CHECKSUMS = "checksums.json"
-TOKENIZER_FILES = ("meta.json", "tokenizer.tiktoken")
+TOKENIZER_FILES = ("meta.json", "tokenizer.tiktoken", "tokenizer.json")  # whichever the data has
 _NAME = re.compile(r"step_(\d+)(?:\.(\d+))?$")
 
 

@@ -1,27 +1,38 @@
-"""Export a checkpoint to a Hugging Face `LlamaForCausalLM` directory:
+"""Export a checkpoint to a Hugging Face `LlamaForCausalLM` directory, or to a GGUF file for llama.cpp:
 
     HF_DIR/config.json          LlamaConfig (written here from storyllama.hf.hf_config_dict)
     HF_DIR/model.safetensors    weights under transformers' names (RoPE is already in its half-split layout)
     HF_DIR/generation_config.json   EOT as eos, and the padded vocabulary ids suppressed
-    HF_DIR/tokenizer.tiktoken   the tokenizer's tiktoken ranks file, and meta.json describing it
-    HF_DIR/README.md            how to load both
+    HF_DIR/tokenizer.json, tokenizer_config.json   a Hugging Face tokenizer with our ids (EOT as eos), so
+                                `AutoTokenizer.from_pretrained` and `pipeline("text-generation")` load it
+    HF_DIR/meta.json + tokenizer.tiktoken (or tokenizer.json)   our own tokenizer files, as in a checkpoint
+    HF_DIR/README.md            how to load it
+    HF_DIR/.storyllama-export.json   the marker: which files this export wrote
 
-transformers is not needed to export, only to load. The directory is written under a temporary name
-and renamed when complete.
+    bin/export --format gguf --out MODEL.gguf   (see storyllama.gguf_export)
+
+transformers is not needed to export, only to load. The output is written under a temporary name and
+renamed when complete. An existing --out is replaced only when it is an earlier export (its marker
+lists every file in it); a run directory or anything else is refused, and so is a second export to the
+same --out while one runs (a lock on the temporary directory).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from storyllama.checkpoint import TOKENIZER_FILES, WEIGHTS, CheckpointError, load_model_config, resolve
+from storyllama.checkpoint import CheckpointError, load_model_config, read_weights, resolve
 from storyllama.config import ModelConfig, OneLineErrorParser
 from storyllama.hf import hf_config_dict, to_hf_state_dict
+from storyllama.locking import LOCK_NAME, DirLock
+
+MARKER = ".storyllama-export.json"
 
 _README = """\
 # {name}
@@ -29,34 +40,19 @@ _README = """\
 A StoryLlama model ({params:,} parameters: dim {dim}, {n_layers} layers, {n_heads} heads, {n_kv_heads} KV heads,
 context {block_size}) exported from `{ckpt}` for Hugging Face transformers.
 
-The tokenizer is not a Hugging Face tokenizer: it is a tiktoken ranks file, `tokenizer.tiktoken` (one
-`base64(token) rank` line per token), with `<|endoftext|>` = {eot} as its only special token; `meta.json`
-holds its name, split pattern and sha256. The model's vocabulary is padded to {vocab_size}; ids from
-{n_vocab} up never occur in text (`generation_config.json` suppresses them in `generate`).
+`tokenizer.json` is a Hugging Face tokenizer giving the same ids as the model's own tokenizer ({tok_name},
+end of text {eot_text!r} = {eot}). The model's vocabulary is padded to {vocab_size}; ids from {n_vocab} up
+never occur in text (`generation_config.json` suppresses them in `generate`).
 
 ```python
-import base64, json
-import tiktoken
-import torch
-from transformers import LlamaForCausalLM
+from transformers import pipeline
 
-path = "{out}"
-model = LlamaForCausalLM.from_pretrained(path)
-tok = json.load(open(f"{{path}}/meta.json"))["tokenizer"]
-ranks = {{}}
-for line in open(f"{{path}}/tokenizer.tiktoken", "rb"):
-    if line.strip():
-        token, rank = line.split()
-        ranks[base64.b64decode(token)] = int(rank)
-enc = tiktoken.Encoding(tok["name"], pat_str=tok["pat_str"], mergeable_ranks=ranks,
-                        special_tokens={{"<|endoftext|>": len(ranks)}})
-
-prompt = torch.tensor([enc.encode("Once upon a time")])
-ids = model.generate(prompt, max_new_tokens=200, do_sample=True, temperature=0.8)
-print(enc.decode(ids[0].tolist()))
+story = pipeline("text-generation", model="{out}")
+print(story("Once upon a time", max_new_tokens=200, do_sample=True, temperature=0.8)[0]["generated_text"])
 ```
 
-Within the StoryLlama repository, `data_prep.tokenizer.load_encoding(path)` builds the same encoding.
+`meta.json` and the tokenizer file it names are the StoryLlama tokenizer files
+(`data_prep.tokenizer.load_encoding(path)` reads them).
 """
 
 
@@ -70,83 +66,201 @@ def hf_config_json(cfg: ModelConfig, eot_id: int | None) -> dict:
     return conf
 
 
-def _eot_id(ckpt: Path) -> tuple[int | None, int | None]:
-    """(EOT id, tokenizer vocabulary) from the checkpoint's meta.json, or (None, None) without one."""
+def _tokenizer_info(ckpt: Path) -> dict:
+    """The checkpoint's meta.json "tokenizer" entry; an error when it or its file is missing."""
     try:
         tok = json.loads((ckpt / "meta.json").read_text())["tokenizer"]
-        return int(tok["eot_id"]), int(tok["vocab_size"])
+        tok["eot_id"], tok["vocab_size"] = int(tok["eot_id"]), int(tok["vocab_size"])
     except (OSError, ValueError, KeyError, TypeError):
-        return None, None
+        raise CheckpointError(f"checkpoint {ckpt} has no readable meta.json: the exported model would have no "
+                              "tokenizer; copy meta.json and its tokenizer file from the data directory the run was "
+                              "trained on") from None
+    if not (ckpt / tok.get("file", "tokenizer.tiktoken")).is_file():
+        raise CheckpointError(f"checkpoint {ckpt} has no {tok.get('file')} (its meta.json names it): the exported "
+                              "model would have no tokenizer; copy it from the data directory the run was trained on")
+    return tok
 
 
-def export(path: str | Path, out: str | Path) -> Path:
-    """Write the HF directory for checkpoint `path` (or a run's latest) to `out`; returns `out`.
+def hf_tokenizer_for(ckpt: Path):
+    """The checkpoint's tokenizer as a `tokenizers.Tokenizer` with the same ids (EOT a special token)."""
+    from data_prep.tokenizer import EOT, load_encoding, load_ranks
 
-    Raises CheckpointError for a missing or partial checkpoint, ValueError when `out` exists and is not
-    an earlier export.
+    tok = _tokenizer_info(ckpt)
+    if tok.get("kind") == "hf":
+        return load_encoding(ckpt).tokenizer
+    from data_prep.hf_tokenizer import ranks_to_hf_tokenizer
+
+    ranks = load_ranks(ckpt / tok["file"])
+    return ranks_to_hf_tokenizer(ranks, tok["pat_str"], {tok.get("special", EOT): tok["eot_id"]})
+
+
+def check_out(out: Path, kind: str = "directory") -> None:
+    """Refuse an --out that is not ours to replace: anything but nothing, an empty directory or an earlier export
+    whose marker lists every file in it."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if kind == "file":
+        if out.is_dir() or not _is_our_gguf(out):
+            raise ValueError(f"--out {out} exists and is not a GGUF file an earlier export wrote; choose a new path "
+                             "(nothing was changed)")
+        return
+    if not out.is_dir() or out.is_symlink():
+        raise ValueError(f"--out {out} exists and is not a directory; choose a new path (nothing was changed)")
+    names = {p.name for p in out.iterdir()}
+    if not names:
+        return
+    if (out / "checkpoints").exists() or (out / "trainer_state.json").exists():
+        raise ValueError(f"--out {out} is a run or checkpoint directory; an export never replaces one: choose a new "
+                         "path (nothing was changed)")
+    try:
+        ours = set(json.loads((out / MARKER).read_text())["files"]) | {MARKER}
+    except (OSError, ValueError, KeyError, TypeError):
+        ours = None
+    if ours is None:
+        raise ValueError(f"--out {out} exists and was not written by bin/export (no {MARKER}); choose a new path "
+                         "(nothing was changed)")
+    foreign = sorted(names - ours)
+    if foreign:
+        raise ValueError(f"--out {out} is an earlier export but also holds files it did not write "
+                         f"({', '.join(foreign[:3])}); move them or choose a new path (nothing was changed)")
+
+
+def _is_our_gguf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                return False
+        from gguf import GGUFReader
+
+        return "storyllama.exported_from" in GGUFReader(str(path)).fields
+    except Exception:  # unreadable, not GGUF, or gguf missing: not provably ours
+        return False
+
+
+class _Staging:
+    """The temporary sibling `.NAME.<tool>-tmp` of --out, locked while one writer (export, import) fills it."""
+
+    def __init__(self, out: Path, tool: str = "export"):
+        self.out = out
+        self.tmp = out.with_name(f".{out.name}.{tool}-tmp")
+        self.lock = DirLock(self.tmp, f"bin/{tool}")
+
+    def __enter__(self) -> Path:
+        self.lock.acquire()  # LockedError (a ValueError) names the other export
+        for p in self.tmp.iterdir():  # left by an export that was killed: never an output
+            if p.name != LOCK_NAME:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        return self.tmp
+
+    def __exit__(self, *exc) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.lock.release()
+
+
+def _publish_dir(tmp: Path, out: Path, files: list[str]) -> None:
+    """Move the finished files into place: `out` holds either the old export or the new one, whole."""
+    (tmp / MARKER).write_text(json.dumps({"tool": "storyllama export", "files": sorted(files)}, indent=2) + "\n")
+    final = tmp.with_name(tmp.name + ".done")
+    shutil.rmtree(final, ignore_errors=True)
+    final.mkdir()
+    for name in [*files, MARKER]:
+        os.replace(tmp / name, final / name)
+    check_out(out)  # again, now that the files are written: nothing changed underneath us
+    old = out.with_name(f".{out.name}.export-old")
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    final.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export(path: str | Path, out: str | Path, format: str = "hf") -> Path:
+    """Write the HF directory (or, format="gguf", the GGUF file) for checkpoint `path` (or a run's latest).
+
+    Raises CheckpointError for a missing or partial checkpoint, ValueError when `out` exists and is not an
+    earlier export, LockedError (a ValueError) when another export writes to `out` now.
     """
+    if format == "gguf":
+        from storyllama.gguf_export import export_gguf
+
+        return export_gguf(path, out)
+    if format != "hf":
+        raise ValueError(f"--format {format!r} is not known: use hf or gguf")
     ckpt = resolve(path)
     cfg = load_model_config(ckpt)
     out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").is_file())):
-        raise ValueError(f"--out {out} exists and is not an exported model directory; choose a new path")
-    missing = [f for f in TOKENIZER_FILES if not (ckpt / f).is_file()]
-    if missing:
-        raise CheckpointError(f"checkpoint {ckpt} has no {' or '.join(missing)}: the exported model would have no "
-                              "tokenizer; copy them from the data directory the run was trained on")
-    try:
-        state = load_file(str(ckpt / WEIGHTS))
-    except Exception as e:  # safetensors' own error types for cut or corrupt files
-        raise CheckpointError(f"cannot read {ckpt / WEIGHTS}: {e}; use an earlier checkpoint") from e
+    check_out(out)
+    tok = _tokenizer_info(ckpt)
+    state = read_weights(ckpt)  # checked against the checkpoint's checksums
     hf_state = to_hf_state_dict(state, cfg)
     if cfg.tie_embeddings:
         # safetensors refuses two names for one tensor; transformers ties lm_head to the embedding on load.
         del hf_state["lm_head.weight"]
-    eot_id, n_vocab = _eot_id(ckpt)
+    eot_id, n_vocab = tok["eot_id"], tok["vocab_size"]
+    hf_tok = hf_tokenizer_for(ckpt)
+    eot_text = hf_tok.id_to_token(eot_id)
 
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _Staging(out) as tmp:
         save_file({k: v.contiguous() for k, v in hf_state.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config_json(cfg, eot_id), indent=2) + "\n")
         gen = {"bos_token_id": eot_id, "eos_token_id": eot_id}
-        if n_vocab is not None and n_vocab < cfg.vocab_size:
+        if n_vocab < cfg.vocab_size:
             # The model's rows past the tokenizer's vocabulary (padding to a multiple of 64) are untrained:
             # `generate` must never pick them (our sampler computes only the tokenizer's rows).
             gen["suppress_tokens"] = list(range(n_vocab, cfg.vocab_size))
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        for f in TOKENIZER_FILES:
+        files = ["model.safetensors", "config.json", "generation_config.json", "tokenizer_config.json", "README.md",
+                 "meta.json"]
+        if tok.get("kind") != "hf":  # ours is a ranks file; an imported tokenizer.json travels as it is
+            hf_tok.save(str(tmp / "tokenizer.json"))
+            files.append("tokenizer.json")
+        for f in ("meta.json", tok["file"]):
             shutil.copy2(ckpt / f, tmp / f)
+        files.append(tok["file"])
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(hf_tok, eot_text, cfg), indent=2)
+                                                   + "\n")
         (tmp / "README.md").write_text(_README.format(
             name=out.name, params=cfg.num_params(), dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
-            n_kv_heads=cfg.n_kv_heads, block_size=cfg.block_size, ckpt=ckpt, eot=eot_id, vocab_size=cfg.vocab_size,
-            n_vocab=n_vocab, out=out))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            n_kv_heads=cfg.n_kv_heads, block_size=cfg.block_size, ckpt=ckpt, eot=eot_id, eot_text=eot_text,
+            vocab_size=cfg.vocab_size, n_vocab=n_vocab, out=out, tok_name=tok.get("name")))
+        _publish_dir(tmp, out, sorted(set(files)))
     return out
 
 
+def tokenizer_config(hf_tok, eot_text: str, cfg: ModelConfig) -> dict:
+    """tokenizer_config.json for transformers' fast tokenizer over tokenizer.json (EOT as eos, no added BOS
+    beyond what tokenizer.json's own post-processor does)."""
+    conf = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eot_text, "model_max_length": cfg.block_size,
+            "clean_up_tokenization_spaces": False}
+    vocab = hf_tok.get_vocab(with_added_tokens=True)
+    for key, name in (("bos_token", "<s>"), ("unk_token", "<unk>")):
+        if name in vocab:
+            conf[key] = name
+    return conf
+
+
 def main(argv: list[str] | None = None, prog: str = "export") -> int:
-    p = OneLineErrorParser(prog=prog,
-                           description="Export a StoryLlama checkpoint to a Hugging Face LlamaForCausalLM directory.")
+    p = OneLineErrorParser(prog=prog, description="Export a StoryLlama checkpoint to a Hugging Face LlamaForCausalLM "
+                           "directory (--format hf) or a GGUF file for llama.cpp / Ollama (--format gguf).")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="run directory: exports its latest checkpoint")
     src.add_argument("--checkpoint", help="a checkpoint directory")
-    p.add_argument("--out", required=True, help="the directory to write (config.json, model.safetensors, ...)")
+    p.add_argument("--out", required=True, help="the directory (hf) or file (gguf) to write")
+    p.add_argument("--format", choices=("hf", "gguf"), default="hf", help="hf: a transformers directory; gguf: one "
+                   "GGUF file (float32)")
     ns = p.parse_args(argv)
     try:
-        out = export(ns.run or ns.checkpoint, ns.out)
-    except (ValueError, OSError) as e:  # CheckpointError is a ValueError
+        out = export(ns.run or ns.checkpoint, ns.out, ns.format)
+    except (ValueError, OSError) as e:  # CheckpointError and LockedError are ValueErrors
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {out} (config.json, generation_config.json, model.safetensors, tokenizer.tiktoken, meta.json, "
-          "README.md)")
+    if ns.format == "gguf":
+        print(f"wrote {out} (GGUF, llama architecture, float32)")
+    else:
+        print(f"wrote {out} (config.json, model.safetensors, tokenizer.json, tokenizer_config.json, "
+              "generation_config.json, meta.json, README.md)")
     return 0
 
 

@@ -42,3 +42,21 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
             out[f"model.layers.{i}.{theirs}"] = state[f"layers.{i}.{ours}"]
     out["lm_head.weight"] = state["tok_embeddings.weight"] if cfg.tie_embeddings else state["output.weight"]
     return out
+
+
+def from_hf_state_dict(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """transformers' names -> ours (the inverse of `to_hf_state_dict`); with tied embeddings lm_head is dropped."""
+    out = {"tok_embeddings.weight": hf_state["model.embed_tokens.weight"], "norm.weight": hf_state["model.norm.weight"]}
+    for i in range(cfg.n_layers):
+        for ours, theirs in _LAYER_KEYS.items():
+            out[f"layers.{i}.{ours}"] = hf_state[f"model.layers.{i}.{theirs}"]
+    if not cfg.tie_embeddings:
+        out["output.weight"] = hf_state["lm_head.weight"]
+    return out
+
+
+def hf_weight_names(cfg: ModelConfig) -> list[str]:
+    """Every transformers name a LlamaForCausalLM of this shape has (lm_head only when untied)."""
+    names = ["model.embed_tokens.weight", "model.norm.weight"]
+    names += [f"model.layers.{i}.{theirs}" for i in range(cfg.n_layers) for theirs in _LAYER_KEYS.values()]
+    return names + ([] if cfg.tie_embeddings else ["lm_head.weight"])

@@ -266,8 +266,10 @@ def build_run(cfg: TrainConfig, args: argparse.Namespace, d: Dist, device: torch
     if ckpt is not None:
         checkpoint.load_weights(raw_model, ckpt)
         checkpoint.load_optimizer(optimizer, ckpt)
-        if not cfg.eval_only:  # (scoring alone does not need the training stream's position)
-            data_state = state["data"]
+        for group in optimizer.param_groups:  # a state saved by an unfused optimizer must not switch ours off
+            group.update(fused=optimizer.defaults["fused"], foreach=None)
+        data_state = state.get("data")  # none in an imported run: its training starts at the first window
+        if data_state is not None and not cfg.eval_only:  # (scoring needs no stream position)
             # one global position (any world size with the same tokens per step); older checkpoints kept one
             # per rank, all at the same position
             batches.load_state_dict(data_state.get("0", data_state))

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tiny_checkpoint import EOT_ID, N_VOCAB, save_checkpoint, tiny_model
@@ -58,11 +59,12 @@ def test_exported_directory_carries_the_tokenizer_and_a_readme(exported):
 
     _, hf, out = exported
     assert {p.name for p in out.iterdir()} == {"config.json", "generation_config.json", "model.safetensors",
-                                               "tokenizer.tiktoken", "meta.json", "README.md"}
+                                               "tokenizer.tiktoken", "meta.json", "README.md", "tokenizer.json",
+                                               "tokenizer_config.json", ".storyllama-export.json"}
     enc = load_encoding(out)
     assert enc.n_vocab == N_VOCAB and enc.eot_token == EOT_ID
     readme = (out / "README.md").read_text()
-    assert "LlamaForCausalLM.from_pretrained" in readme and "tiktoken ranks file" in readme
+    assert 'pipeline("text-generation"' in readme and "tokenizer.json" in readme
     assert hf.generation_config.eos_token_id == EOT_ID
     assert hf.generation_config.suppress_tokens == list(range(N_VOCAB, 320))
 
@@ -79,8 +81,9 @@ def test_bin_export_cli(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--run", "{tmp}/nowhere", "--out", "{tmp}/hf"], "no complete checkpoint"),
-    (["--checkpoint", "{tmp}/notokenizer", "--out", "{tmp}/hf"], "has no meta.json or tokenizer.tiktoken"),
-    (["--checkpoint", "{tmp}/notokenizer", "--out", "{tmp}/other"], "exists and is not an exported model"),
+    (["--checkpoint", "{tmp}/notokenizer", "--out", "{tmp}/hf"], "has no readable meta.json"),
+    (["--checkpoint", "{tmp}/notokenizer", "--out", "{tmp}/other"], "was not written by bin/export"),
+    (["--checkpoint", "{tmp}/notokenizer", "--out", "{tmp}/hf", "--format", "onnx"], "invalid choice: 'onnx'"),
     (["--run", "{tmp}"], "the following arguments are required: --out"),
 ])
 def test_export_errors_are_one_line_exit_2(tmp_path, capsys, args, message):
@@ -98,3 +101,247 @@ def test_export_errors_are_one_line_exit_2(tmp_path, capsys, args, message):
     assert rc == 2
     assert message in err and err.count("\n") == 1 and err.startswith("bin/export: error:"), err
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+# ---------------------------------------------------------------------------------------------
+# The tokenizer travels as a Hugging Face tokenizer: AutoTokenizer and pipeline() load the directory as it is
+
+
+def test_autotokenizer_and_pipeline_load_the_export(exported):
+    model, _, out = exported
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    text = "Once upon a time, a cat sat.\n\nThe end!"
+    ids = tok(text).input_ids
+    assert ids == list(text.encode()) and tok.decode(ids) == text  # the byte tokenizer: one id per byte
+    assert tok.eos_token == "<|endoftext|>" and tok.eos_token_id == EOT_ID
+    pipe = transformers.pipeline("text-generation", model=str(out), device="cpu")
+    story = pipe("Once upon", max_new_tokens=12, do_sample=False)[0]["generated_text"]
+    ours = generate(model, [list(b"Once upon")], SampleConfig(max_new_tokens=12, temperature=0.0), EOT_ID, N_VOCAB)[0]
+    assert story == "Once upon" + bytes(ours).decode("utf-8", errors="replace")
+
+
+SHARED = Path("/work/shared/data")
+VALID = SHARED / "tinystories" / "valid-sample.jsonl"
+TRAIN = SHARED / "tinystories" / "train-sample.jsonl"
+
+
+def _stories(path: Path) -> list[str]:
+    import json
+
+    return [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.skipif(not (VALID.is_file() and TRAIN.is_file() and (SHARED / "gpt2.tiktoken").is_file()),
+                    reason="the shared TinyStories samples and gpt2.tiktoken (/work/shared/data) are absent")
+@pytest.mark.parametrize("kind", ["gpt2", "bpe:2048"])
+def test_exported_tokenizer_json_gives_our_ids_on_the_validation_sample(tmp_path, kind):
+    import json
+
+    from tokenizers import Tokenizer
+
+    from data_prep.tokenizer import EOT, GPT2_PAT_STR, dump_ranks, file_sha256, gpt2_ranks, make_encoding, train_bpe
+
+    ranks = gpt2_ranks(SHARED / "gpt2.tiktoken") if kind == "gpt2" else train_bpe(_stories(TRAIN), 2048)
+    data = tmp_path / "data"
+    data.mkdir()
+    dump_ranks(ranks, data / "tokenizer.tiktoken")
+    meta = {"tokenizer": {"name": kind, "vocab_size": len(ranks) + 1, "eot_id": len(ranks),
+                          "file": "tokenizer.tiktoken", "sha256": file_sha256(data / "tokenizer.tiktoken"),
+                          "pat_str": GPT2_PAT_STR, "special": EOT}}
+    (data / "meta.json").write_text(json.dumps(meta))
+    from storyllama import checkpoint
+
+    model = tiny_model(vocab_size=(len(ranks) + 1 + 63) // 64 * 64)
+    ckpt = checkpoint.save(tmp_path / "run", 1, model, None, {"step": 1}, data_dir=data)
+    out = export(ckpt, tmp_path / "hf")
+    enc = make_encoding(kind, ranks)
+    theirs = Tokenizer.from_file(str(out / "tokenizer.json"))
+    stories = _stories(VALID)
+    for story in stories:
+        ids = enc.encode_ordinary(story)
+        assert theirs.encode(story, add_special_tokens=False).ids == ids
+        assert theirs.decode(ids) == story
+    joined = EOT.join(stories[:20]) + EOT  # EOT is the special token, with our id
+    assert theirs.encode(joined, add_special_tokens=False).ids == enc.encode(joined, allowed_special="all")
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert tok(stories[0]).input_ids == enc.encode_ordinary(stories[0]) and tok.eos_token_id == len(ranks)
+
+
+# ---------------------------------------------------------------------------------------------
+# Nothing the user owns is removed (issue 15): an export replaces only an earlier export
+
+
+def _snapshot(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_export_into_a_run_directory_is_refused_and_changes_nothing(tmp_path, capsys):
+    run, _ = save_checkpoint(tmp_path, tiny_model())
+    (run / "config.json").write_text("{}")  # what bin/train leaves at the top of a run
+    before = _snapshot(run)
+    assert main(["--run", str(run), "--out", str(run)], prog="bin/export") == 2
+    err = capsys.readouterr().err
+    assert "is a run or checkpoint directory" in err and err.count("\n") == 1
+    assert _snapshot(run) == before
+    assert main(["--run", str(run), "--out", str(run / "checkpoints" / "step_000010")], prog="bin/export") == 2
+    assert _snapshot(run) == before
+
+
+def test_export_over_user_files_beside_a_config_json_is_refused(tmp_path, capsys):
+    run, _ = save_checkpoint(tmp_path, tiny_model())
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"my": "settings"}')
+    (mine / "notes.md").write_text("my notes")
+    before = _snapshot(mine)
+    assert main(["--run", str(run), "--out", str(mine)], prog="bin/export") == 2
+    assert "was not written by bin/export" in capsys.readouterr().err
+    assert _snapshot(mine) == before and sorted(p.name for p in tmp_path.iterdir()) == ["data", "mine", "run"]
+
+
+def test_reexport_replaces_an_earlier_export_but_not_files_added_to_it(tmp_path, capsys):
+    run, _ = save_checkpoint(tmp_path, tiny_model())
+    out = tmp_path / "hf"
+    assert main(["--run", str(run), "--out", str(out)]) == 0
+    first = _snapshot(out)
+    assert main(["--run", str(run), "--out", str(out)]) == 0
+    assert _snapshot(out).keys() == first.keys()
+    (out / "my_eval.txt").write_text("results")
+    before = _snapshot(out)
+    capsys.readouterr()
+    assert main(["--run", str(run), "--out", str(out)], prog="bin/export") == 2
+    assert "also holds files it did not write (my_eval.txt)" in capsys.readouterr().err
+    assert _snapshot(out) == before
+
+
+def test_a_second_export_to_the_same_out_is_refused_while_one_runs(tmp_path, capsys):
+    from storyllama.export import _Staging
+
+    run, _ = save_checkpoint(tmp_path, tiny_model())
+    out = tmp_path / "hf"
+    with _Staging(out):  # an export in progress: it holds the lock on the staging directory
+        res = subprocess.run([sys.executable, str(REPO / "bin" / "export"), "--run", str(run), "--out", str(out)],
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2 and "is in use by another bin/export" in res.stderr, res.stderr
+        assert res.stderr.count("\n") == 1 and not out.exists()
+    assert main(["--run", str(run), "--out", str(out)]) == 0  # once it is done, the next one runs
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF
+
+
+gguf = pytest.importorskip("gguf", reason="GGUF export needs the gguf package (pip install -e .[export])")
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+def gguf_export(request, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gguf")
+    model = tiny_model(tie_embeddings=request.param, rope_theta=500.0)
+    _, ckpt = save_checkpoint(tmp, model)
+    return model, export(ckpt, tmp / "story.gguf", format="gguf")
+
+
+def test_gguf_tensors_equal_the_checkpoint_after_the_rope_permutation(gguf_export):
+    from storyllama.gguf_export import to_half_split
+
+    model, path = gguf_export
+    cfg = model.cfg
+    sd = model.state_dict()
+    reader = gguf.GGUFReader(str(path))
+    got = {t.name: torch.from_numpy(np.array(t.data)).reshape([int(x) for x in reversed(t.shape)])
+           for t in reader.tensors}
+    want = {"token_embd.weight": sd["tok_embeddings.weight"], "output_norm.weight": sd["norm.weight"]}
+    if not cfg.tie_embeddings:
+        want["output.weight"] = sd["output.weight"]
+    names = {"attn_norm": "attention_norm", "attn_q": "attention.wq", "attn_k": "attention.wk",
+             "attn_v": "attention.wv", "attn_output": "attention.wo", "ffn_norm": "ffn_norm",
+             "ffn_gate": "feed_forward.w1", "ffn_up": "feed_forward.w3", "ffn_down": "feed_forward.w2"}
+    for i in range(cfg.n_layers):
+        for theirs, ours in names.items():
+            want[f"blk.{i}.{theirs}.weight"] = sd[f"layers.{i}.{ours}.weight"]
+    assert set(got) == set(want)
+    for name, w in want.items():
+        g = got[name]
+        if ".attn_q." in name:
+            g = to_half_split(g, cfg.n_heads)
+        elif ".attn_k." in name:
+            g = to_half_split(g, cfg.n_kv_heads)
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, w, rtol=0, atol=0, msg=name)
+    # the permutation is not the identity: the stored q rows are not ours as they are
+    assert not torch.equal(got["blk.0.attn_q.weight"], sd["layers.0.attention.wq.weight"])
+
+
+def test_gguf_metadata_is_what_llama_cpp_needs(gguf_export):
+    from storyllama.gguf_export import gguf_metadata
+
+    model, path = gguf_export
+    cfg = model.cfg
+    m = gguf_metadata(path)
+    assert m["general.architecture"] == "llama"
+    assert (m["llama.context_length"], m["llama.embedding_length"], m["llama.block_count"]) == (64, 64, 2)
+    assert (m["llama.feed_forward_length"], m["llama.attention.head_count"], m["llama.attention.head_count_kv"]) == (
+        96, 4, 2)
+    assert m["llama.rope.dimension_count"] == cfg.head_dim and m["llama.rope.freq_base"] == 500.0
+    assert abs(m["llama.attention.layer_norm_rms_epsilon"] - cfg.norm_eps) < 1e-9
+    assert m["tokenizer.ggml.model"] == "gpt2" and m["tokenizer.ggml.pre"] == "gpt-2"
+    tokens, types = m["tokenizer.ggml.tokens"], m["tokenizer.ggml.token_type"]
+    assert len(tokens) == len(types) == cfg.vocab_size == 320
+    assert tokens[EOT_ID] == "<|endoftext|>" and types[EOT_ID] == gguf.TokenType.CONTROL
+    assert tokens[ord("A")] == "A" and tokens[ord(" ")] == "\u0120"  # byte-level: a space is written as "Ġ"
+    assert types[N_VOCAB:] == [gguf.TokenType.UNUSED] * (320 - N_VOCAB) and tokens[N_VOCAB] == "[PAD0]"
+    assert m["tokenizer.ggml.eos_token_id"] == EOT_ID and m["tokenizer.ggml.add_bos_token"] is False
+
+
+def test_gguf_carries_the_bpe_merges(tmp_path):
+    import json
+
+    from data_prep.builtin import write_stories
+    from data_prep.tokenizer import EOT, GPT2_PAT_STR, dump_ranks, file_sha256, make_encoding, train_bpe
+    from storyllama.gguf_export import gguf_metadata
+
+    ranks = train_bpe(write_stories(100, 3), 300)
+    data = tmp_path / "data"
+    data.mkdir()
+    dump_ranks(ranks, data / "tokenizer.tiktoken")
+    meta = {"tokenizer": {"name": "bpe:300", "vocab_size": 300, "eot_id": 299, "file": "tokenizer.tiktoken",
+                          "sha256": file_sha256(data / "tokenizer.tiktoken"), "pat_str": GPT2_PAT_STR, "special": EOT}}
+    (data / "meta.json").write_text(json.dumps(meta))
+    from storyllama import checkpoint
+
+    ckpt = checkpoint.save(tmp_path / "run", 1, tiny_model(), None, {"step": 1}, data_dir=data)
+    m = gguf_metadata(export(ckpt, tmp_path / "m.gguf", format="gguf"))
+    merges = m["tokenizer.ggml.merges"]
+    assert len(merges) >= len(ranks) - 256 and all(len(x.split(" ")) == 2 for x in merges)
+    # every merged token is in the vocabulary, and each token past the bytes is made by some merge
+    vocab = set(m["tokenizer.ggml.tokens"])
+    made = {a + b for a, b in (x.split(" ") for x in merges)}
+    assert made <= vocab and set(m["tokenizer.ggml.tokens"][256:299]) <= made
+    assert m["tokenizer.ggml.tokens"][make_encoding("b", ranks).encode_ordinary(" the")[0]] == "\u0120the"
+
+
+def test_gguf_greedy_continuation_in_llama_cpp_matches_ours(gguf_export):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (optional)")
+    model, path = gguf_export
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=False, verbose=False)
+    prompt = list(b"Once upon")
+    ours = generate(model, [prompt], SampleConfig(max_new_tokens=10, temperature=0.0), EOT_ID, N_VOCAB)[0]
+    theirs = []
+    for tok in llm.generate(prompt, temp=0.0, top_k=1):
+        if tok == EOT_ID or len(theirs) == len(ours):
+            break
+        theirs.append(tok)
+    assert theirs == ours
+
+
+def test_gguf_over_a_file_it_did_not_write_is_refused(tmp_path, capsys):
+    run, _ = save_checkpoint(tmp_path, tiny_model())
+    mine = tmp_path / "weights.gguf"
+    mine.write_bytes(b"GGUF my own file")
+    assert main(["--run", str(run), "--out", str(mine), "--format", "gguf"], prog="bin/export") == 2
+    assert "not a GGUF file an earlier export wrote" in capsys.readouterr().err
+    assert mine.read_bytes() == b"GGUF my own file"
+    out = tmp_path / "story.gguf"
+    assert main(["--run", str(run), "--out", str(out), "--format", "gguf"]) == 0
+    assert main(["--run", str(run), "--out", str(out), "--format", "gguf"]) == 0  # an earlier export: replaced

@@ -1,0 +1,228 @@
+"""Export a checkpoint to one GGUF file (llama.cpp's format, written with its own `gguf` package).
+
+    bin/export --run RUN_DIR --format gguf --out story.gguf
+
+What llama.cpp reads for a Llama ("llama" architecture):
+- hyper-parameters: llama.context_length, embedding_length, block_count, feed_forward_length,
+  attention.head_count(_kv), rope.dimension_count (head_dim), rope.freq_base, attention.layer_norm_rms_epsilon;
+- tensors under llama.cpp's names (token_embd, blk.N.attn_q, ..., output_norm, output), float32;
+- the tokenizer: tokenizer.ggml.model = "gpt2" (byte-level BPE), tokenizer.ggml.pre = "gpt-2" (our BPEs
+  split text with GPT-2's pattern; llama.cpp cannot recognise a corpus-trained BPE by its hash, so we name
+  it), the tokens in id order (byte-level strings, as in tokenizer.json), their types, the merges, and
+  EOT as both bos and eos (add_bos false: our documents start after an EOT, never with a BOS). An imported
+  SentencePiece-style tokenizer (llama2.c's, Llama-2's) goes as llama.cpp's "llama" tokenizer instead:
+  tokens, scores and types (see `gguf_vocab`).
+
+RoPE layout: our q and k rows are in the half-split layout (pairs (i, i + D/2) of each head, as in
+transformers); llama.cpp's Llama rotates adjacent pairs (2i, 2i + 1), Meta's original layout. So wq and wk
+are permuted per head: row i of the first half goes to 2i, row i of the second half to 2i + 1
+(`to_interleaved`). The model's padding rows past the tokenizer's vocabulary become unused tokens "[PADn]".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from storyllama.checkpoint import CheckpointError, load_model_config, read_weights, resolve
+from storyllama.config import ModelConfig
+
+# our name -> llama.cpp's, per layer
+_LAYER = {
+    "attention_norm.weight": "attn_norm.weight",
+    "attention.wq.weight": "attn_q.weight",
+    "attention.wk.weight": "attn_k.weight",
+    "attention.wv.weight": "attn_v.weight",
+    "attention.wo.weight": "attn_output.weight",
+    "ffn_norm.weight": "ffn_norm.weight",
+    "feed_forward.w1.weight": "ffn_gate.weight",
+    "feed_forward.w3.weight": "ffn_up.weight",
+    "feed_forward.w2.weight": "ffn_down.weight",
+}
+
+
+def to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Half-split RoPE rows -> adjacent-pair rows, per head (see the module docstring)."""
+    rows, cols = w.shape
+    d = rows // n_heads
+    return w.view(n_heads, 2, d // 2, cols).transpose(1, 2).reshape(rows, cols)  # (H, D/2, 2, C) -> (H*D, C)
+
+
+def to_half_split(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Adjacent-pair RoPE rows (Meta, llama2.c, llama.cpp) -> half-split rows (ours, transformers')."""
+    rows, cols = w.shape
+    d = rows // n_heads
+    return w.view(n_heads, d // 2, 2, cols).transpose(1, 2).reshape(rows, cols)  # (H, 2, D/2, C) -> (H*D, C)
+
+
+def gguf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """Our state dict -> llama.cpp's tensor names and layout (float32 numpy arrays)."""
+    out = {"token_embd.weight": state["tok_embeddings.weight"], "output_norm.weight": state["norm.weight"]}
+    if not cfg.tie_embeddings:
+        out["output.weight"] = state["output.weight"]  # absent: llama.cpp uses token_embd for the head
+    for i in range(cfg.n_layers):
+        for ours, theirs in _LAYER.items():
+            w = state[f"layers.{i}.{ours}"]
+            if ours == "attention.wq.weight":
+                w = to_interleaved(w, cfg.n_heads)
+            elif ours == "attention.wk.weight":
+                w = to_interleaved(w, cfg.n_kv_heads)
+            out[f"blk.{i}.{theirs}"] = w
+    return {k: v.detach().to(torch.float32).contiguous().numpy() for k, v in out.items()}
+
+
+def gguf_vocab(ckpt: Path, tok: dict, cfg: ModelConfig) -> dict:
+    """The tokenizer as llama.cpp wants it: model, pre, tokens (one per embedding row), types, merges or scores.
+
+    - our tiktoken ranks, or an imported byte-level BPE tokenizer.json: model "gpt2", pre "gpt-2", merges;
+    - an imported SentencePiece-style tokenizer.json (Llama-2's, llama2.c's: byte fallback, "▁" for spaces):
+      model "llama", scores (minus the rank of the merge that makes each token), byte tokens.
+    Rows past the tokenizer (padding to a multiple of 64) become unused tokens "[PADn]".
+    """
+    import gguf
+
+    from data_prep.hf_tokenizer import ranks_to_tokens_and_merges
+    from data_prep.tokenizer import load_encoding, load_ranks
+
+    T = gguf.TokenType
+    eot_id = tok["eot_id"]
+    if tok.get("kind") != "hf":
+        ranks = load_ranks(ckpt / tok["file"])
+        tokens, pairs = ranks_to_tokens_and_merges(ranks)
+        if eot_id != len(tokens):
+            raise CheckpointError(f"{ckpt / 'meta.json'}: eot_id {eot_id} does not follow the {len(tokens):,} ranks")
+        tokens.append(tok.get("special", "<|endoftext|>"))
+        out = {"model": "gpt2", "pre": "gpt-2", "tokens": tokens, "types": [T.NORMAL] * len(ranks) + [T.CONTROL],
+               "merges": [f"{a} {b}" for a, b in pairs], "bos": eot_id, "eos": eot_id, "add_bos": False}
+    else:
+        hf = load_encoding(ckpt).tokenizer
+        conf = json.loads(hf.to_str())
+        model = conf.get("model") or {}
+        if model.get("type") != "BPE":
+            raise ValueError(f"checkpoint {ckpt}: its tokenizer.json is a {model.get('type')} model; GGUF export "
+                             "handles BPE tokenizers only (byte-level, or SentencePiece-style with byte fallback)")
+        vocab = hf.get_vocab(with_added_tokens=True)
+        tokens = [""] * (max(vocab.values()) + 1)
+        for t, i in vocab.items():
+            tokens[i] = t
+        added = {i for i, t in hf.get_added_tokens_decoder().items() if t.special}
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+        dumped = json.dumps(conf.get("pre_tokenizer")) + json.dumps(conf.get("decoder"))
+        if '"ByteLevel"' in dumped:
+            pre = conf.get("pre_tokenizer") or {}
+            pats = [json.dumps(x) for x in ([pre] + pre.get("pretokenizers", []))]
+            gpt2_split = any('"Split"' in x and "p{L}+" in x for x in pats) or (pre.get("type") == "ByteLevel" and
+                                                                              pre.get("use_regex", True))
+            if not gpt2_split:
+                raise ValueError(f"checkpoint {ckpt}: its byte-level tokenizer.json splits text in a way llama.cpp's "
+                                 "gpt-2 pre-tokenizer may not; convert the --format hf export with llama.cpp's own "
+                                 "convert_hf_to_gguf.py instead")
+            types = [T.CONTROL if i in added else T.NORMAL for i in range(len(tokens))]
+            out = {"model": "gpt2", "pre": "gpt-2", "tokens": tokens, "types": types, "merges": merges,
+                   "bos": eot_id, "eos": eot_id, "add_bos": False}
+        elif model.get("byte_fallback"):
+            # llama.cpp's SentencePiece tokenizer merges the adjacent pair whose result scores highest; a token's
+            # score here is minus the rank of the first merge that makes it (tokenizer.json keeps no scores).
+            made_at: dict[str, int] = {}
+            for rank, m in enumerate(merges):
+                made_at.setdefault(m.replace(" ", "", 1), rank)
+            unk = model.get("unk_token")
+            types, scores = [], []
+            for i, t in enumerate(tokens):
+                kind = (T.UNKNOWN if t == unk else T.CONTROL if i in added else
+                        T.BYTE if len(t) == 6 and t.startswith("<0x") and t.endswith(">") else T.NORMAL)
+                types.append(kind)
+                scores.append(-float(made_at.get(t, 0 if len(t) == 1 else 1e9)) if kind == T.NORMAL else 0.0)
+            bos = vocab.get("<s>", eot_id)
+            out = {"model": "llama", "tokens": tokens, "types": types, "scores": scores, "bos": bos, "eos": eot_id,
+                   "add_bos": "<s>" in vocab}
+        else:
+            raise ValueError(f"checkpoint {ckpt}: its tokenizer.json is neither byte-level nor SentencePiece-style "
+                             "with byte fallback; convert the --format hf export with llama.cpp's "
+                             "convert_hf_to_gguf.py")
+    pad = cfg.vocab_size - len(out["tokens"])
+    if pad < 0:
+        raise CheckpointError(f"checkpoint {ckpt}: the tokenizer has {len(out['tokens']):,} tokens, the model "
+                              f"{cfg.vocab_size:,} rows")
+    out["tokens"] = out["tokens"] + [f"[PAD{i}]" for i in range(pad)]
+    out["types"] = out["types"] + [T.UNUSED] * pad
+    if out.get("scores") is not None:
+        out["scores"] = out["scores"] + [0.0] * pad
+    return out
+
+
+def export_gguf(path: str | Path, out: str | Path) -> Path:
+    """Write checkpoint `path` (or a run's latest) as the GGUF file `out`; returns `out`."""
+    import gguf
+
+    from storyllama.export import _Staging, _tokenizer_info, check_out
+
+    ckpt = resolve(path)
+    cfg = load_model_config(ckpt)
+    out = Path(out)
+    check_out(out, kind="file")
+    tok = _tokenizer_info(ckpt)
+    vocab = gguf_vocab(ckpt, tok, cfg)
+    state = read_weights(ckpt)  # checked against the checkpoint's checksums
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _Staging(out) as tmp:
+        w = gguf.GGUFWriter(str(tmp / out.name), "llama")
+        w.add_name(out.stem)
+        w.add_string("storyllama.exported_from", str(ckpt))  # marks the file as ours (a re-export may replace it)
+        w.add_context_length(cfg.block_size)
+        w.add_embedding_length(cfg.dim)
+        w.add_block_count(cfg.n_layers)
+        w.add_feed_forward_length(cfg.hidden_dim)
+        w.add_head_count(cfg.n_heads)
+        w.add_head_count_kv(cfg.n_kv_heads)
+        w.add_rope_dimension_count(cfg.head_dim)
+        w.add_rope_freq_base(cfg.rope_theta)
+        w.add_layer_norm_rms_eps(cfg.norm_eps)
+        w.add_vocab_size(cfg.vocab_size)
+        w.add_file_type(gguf.LlamaFileType.ALL_F32)
+        w.add_tokenizer_model(vocab["model"])
+        if vocab.get("pre"):
+            w.add_tokenizer_pre(vocab["pre"])
+        w.add_token_list(vocab["tokens"])
+        w.add_token_types([int(t) for t in vocab["types"]])
+        if vocab.get("scores") is not None:
+            w.add_token_scores(vocab["scores"])
+        if vocab.get("merges"):
+            w.add_token_merges(vocab["merges"])
+        w.add_bos_token_id(vocab["bos"])
+        w.add_eos_token_id(vocab["eos"])
+        w.add_add_bos_token(vocab["add_bos"])
+        if vocab["model"] == "llama":
+            w.add_add_space_prefix(True)
+        for name, arr in gguf_tensors(state, cfg).items():
+            w.add_tensor(name, arr)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        with open(tmp / out.name, "rb") as f:
+            os.fsync(f.fileno())
+        check_out(out, kind="file")
+        os.replace(tmp / out.name, out)
+    return out
+
+
+def gguf_metadata(path: str | Path) -> dict:
+    """The GGUF file's key-value metadata as plain Python values (strings, numbers, lists), for tests and tools."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    return {name: field.contents() for name, field in reader.fields.items()}
+
+
+if __name__ == "__main__":  # python -m storyllama.gguf_export FILE: print the metadata (lists shortened)
+    import sys
+
+    meta = gguf_metadata(sys.argv[1])
+    print(json.dumps({k: (v[:8] + ["..."] if isinstance(v, list) and len(v) > 8 else v) for k, v in meta.items()},
+                     indent=1, default=str))
