@@ -15,6 +15,7 @@ final name. `meta.json` is written last, the same way: its presence marks a comp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -54,19 +55,31 @@ def write_shard(path: str | Path, tokens: np.ndarray) -> None:
     header = _HEADER.pack(MAGIC, FORMAT_VERSION, tokens.dtype.itemsize, tokens.size).ljust(HEADER_BYTES, b"\0")
     tmp = path.with_name(path.name + ".tmp")
     data = memoryview(tokens).cast("B")
-    with open(tmp, "wb") as f:
-        f.write(header)
-        pause = os.environ.get(PAUSE_ENV)
-        if pause:  # test hook: stop half way through the data so a test can kill the process here
-            f.write(data[: len(data) // 2])
+    with naming_the_file(tmp):
+        with open(tmp, "wb") as f:
+            f.write(header)
+            pause = os.environ.get(PAUSE_ENV)
+            if pause:  # test hook: stop half way through the data so a test can kill the process here
+                f.write(data[: len(data) // 2])
+                f.flush()
+                time.sleep(float(pause))
+                f.write(data[len(data) // 2 :])
+            else:
+                f.write(data)
             f.flush()
-            time.sleep(float(pause))
-            f.write(data[len(data) // 2 :])
-        else:
-            f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+            os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def naming_the_file(path: Path):
+    """A failed write() or fsync() raises an OSError that names no file: name the one being written."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
 
 
 def read_header(path: str | Path) -> tuple[np.dtype, int]:
@@ -104,7 +117,7 @@ def open_shard(path: str | Path) -> np.memmap:
 def write_json_atomic(path: str | Path, obj: dict) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
+    with naming_the_file(tmp), open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
         f.flush()

@@ -376,7 +376,7 @@ def test_rerun_on_a_damaged_output_refuses(tmp_path, stories):
         run_prepare(out, train=[str(train)], tokenizer="bpe:300")
 
 
-@pytest.mark.parametrize("change", [dict(tokenizer="bpe:400"), dict(val_fraction=0.2), dict(shard_tokens=999),
+@pytest.mark.parametrize("change", [dict(tokenizer="bpe:400"), dict(val_fraction=0.2), dict(shard_tokens=1999),
                                     dict(other_source=True)])
 def test_different_tokenizer_or_source_refused_without_overwrite(tmp_path, stories, change):
     train = write_jsonl(tmp_path / "t.jsonl", stories[:80])
@@ -431,7 +431,7 @@ def test_errors_are_one_line_exit_2_and_write_nothing(tmp_path, case):
     r = _cli([*args, "--out", str(out)], cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("prepare_data: error: ") and message in lines[0], r.stderr
+    assert len(lines) == 1 and lines[0].startswith("bin/prepare_data: error: ") and message in lines[0], r.stderr
     assert "Traceback" not in r.stderr
     assert not out.exists()
 
