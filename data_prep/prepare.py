@@ -277,10 +277,30 @@ def _get_ranks(o: PrepareOptions, train: sources.Source) -> dict[bytes, int]:
                                f"<|endoftext|>, not {vocab:,}: use --tokenizer bpe:{len(ranks) + 1}")
         return ranks
     t0 = time.perf_counter()
-    ranks = train_bpe(_capped(train.documents(), o.bpe_train_mb * 1e6), vocab)
+    ranks = _interruptible(train_bpe, _capped(train.documents(), o.bpe_train_mb * 1e6), vocab)
     log.info("trained %s on up to %.0f MB of training text in %.1f s", o.tokenizer, o.bpe_train_mb,
              time.perf_counter() - t0)
     return ranks
+
+
+def _interruptible(fn, *args):
+    """fn(*args) on a daemon thread, so that Ctrl-C stops the main thread at once: the BPE trainer runs in
+    Rust and would not let Python see the signal until it has finished (minutes on a large corpus)."""
+    result: dict = {}
+
+    def target() -> None:
+        try:
+            result["value"] = fn(*args)
+        except BaseException as e:  # handed to the caller
+            result["error"] = e
+
+    worker = threading.Thread(target=target, name="train-bpe", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.1)  # a short wait: the main thread takes the KeyboardInterrupt between waits
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
 
 
 def prepare(o: PrepareOptions) -> dict:

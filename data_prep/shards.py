@@ -29,7 +29,8 @@ FORMAT_VERSION = 1
 HEADER_BYTES = 64
 _HEADER = struct.Struct("<8sIIQ")  # magic, version, itemsize, count (24 bytes; the rest is padding)
 DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
-PAUSE_ENV = "STORYLLAMA_TEST_PAUSE_IN_SHARD_WRITE"  # seconds to sleep half way through each shard (tests)
+# Test hook: half way through writing each shard, sleep this many seconds, or with "@PATH" wait until PATH exists.
+PAUSE_ENV = "STORYLLAMA_TEST_PAUSE_IN_SHARD_WRITE"
 
 
 class ShardError(ValueError):
@@ -62,13 +63,22 @@ def write_shard(path: str | Path, tokens: np.ndarray) -> None:
             if pause:  # test hook: stop half way through the data so a test can kill the process here
                 f.write(data[: len(data) // 2])
                 f.flush()
-                time.sleep(float(pause))
+                _pause(pause)
                 f.write(data[len(data) // 2 :])
             else:
                 f.write(data)
             f.flush()
             os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _pause(how: str) -> None:
+    if not how.startswith("@"):
+        time.sleep(float(how))
+        return
+    deadline = time.monotonic() + 300
+    while not os.path.exists(how[1:]) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 @contextlib.contextmanager
