@@ -155,6 +155,8 @@ def _identity(o: PrepareOptions) -> dict:
                   "val": sources.file_source(o.val, "--val").describe()["files"] if o.val else None}
     tok_sha = None
     if o.tokenizer_file is not None:
+        if Path(o.tokenizer_file).is_dir():
+            raise PrepareError(f"--tokenizer_file {o.tokenizer_file} is a directory; give the .tiktoken file in it")
         if not Path(o.tokenizer_file).is_file():
             raise PrepareError(f"--tokenizer_file {o.tokenizer_file}: no such file; check the path")
         tok_sha = file_sha256(o.tokenizer_file)
@@ -449,7 +451,8 @@ def describe_os_error(e: OSError) -> str:
     names = " -> ".join(str(n) for n in (e.filename, e.filename2) if n is not None) or "a file"
     what = e.strerror or str(e)
     if e.errno in _DISK_FULL:
-        advice = "free some space (or choose an --out on another disk) and run the same command again"
+        advice = ("free some space (or choose an --out on another disk) and run the same command again; "
+                  "what this run wrote was removed")
     elif e.errno in (errno.EACCES, errno.EPERM):
         advice = "check the permissions, or choose another path"
     elif e.errno == errno.EROFS:
@@ -475,7 +478,7 @@ def main(argv: list[str] | None = None, prog: str = "bin/prepare_data") -> int:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # disk full, permissions, a path through a file, ...
-        print(f"{prog}: error: {describe_os_error(e)}; nothing unfinished was kept in {args.out}", file=sys.stderr)
+        print(f"{prog}: error: {describe_os_error(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted: nothing unfinished was kept in {args.out}; run the same command again to "
