@@ -669,3 +669,38 @@ def test_an_error_that_is_not_the_disk_does_not_blame_the_disk(tmp_path):
     line = _last_line_only(r.stderr)
     assert "Not a directory" in line and str(blocker / "out") in line and "space" not in line, line
     assert blocker.read_text() == "mine"
+
+
+@pytest.mark.parametrize("how", ["read_only_file_system", "no_permission"])
+def test_an_unwritable_out_is_one_line_naming_it_and_not_a_disk_full(tmp_path, how):
+    parent = tmp_path / "parent"
+    if how == "read_only_file_system":
+        parent.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(parent)], capture_output=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a read-only tmpfs here: {r.stderr.decode().strip()}")
+        expected = "Read-only file system"
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes through any permission bits")
+        parent.mkdir(mode=0o500)
+        expected = "Permission denied"
+    try:
+        r = _cli([*SMALL, "--out", str(parent / "out")], cwd=REPO)
+    finally:
+        if how == "read_only_file_system":
+            subprocess.run(["umount", str(parent)])
+    assert r.returncode == 2, r.stderr
+    line = _last_line_only(r.stderr)
+    assert expected in line and str(parent / "out") in line and "space" not in line, line
+
+
+def test_help_says_each_default_once(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for default in ("default 6,000", "default 0.05", "default gpt2", "default 200)", "default: all cores",
+                    "default 50,000,000", "default 1337"):
+        assert text.count(default) == 1, default
+    assert "at least 1,024" in text
