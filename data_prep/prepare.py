@@ -312,18 +312,18 @@ def prepare(o: PrepareOptions) -> dict:
     identity = _identity(o)
     existing = _check_output(out, identity, locked=False)  # reads only: a refusal here writes nothing
     if existing is None:
-        created = not out.exists()
+        created = [d for d in (out, *out.parents) if not d.exists()]  # deepest first
         lock = DirLock(out, "bin/prepare_data")
-        lock.acquire()  # LockedError (a ValueError) names the run that holds it
         try:
+            lock.acquire()  # LockedError (a ValueError) names the run that holds it
             existing = _check_output(out, identity, locked=True)  # again: another run may have finished
             if existing is None:
                 return _prepare_locked(o, out, identity, t_start)
         finally:
             lock.release(remove=True)  # a finished output keeps no lock file; a killed run leaves a harmless one
-            if created:
-                with contextlib.suppress(OSError):  # only when empty: a failed first run leaves no directory
-                    out.rmdir()
+            for d in created:  # rmdir removes only an empty directory: a failed first run leaves none behind
+                with contextlib.suppress(OSError):
+                    d.rmdir()
     log.info("%s is already complete for these options (%s); nothing to do", out,
              ", ".join(f"{s}: {existing['splits'][s]['tokens']:,} tokens" for s in SPLITS))
     return existing

@@ -56,8 +56,11 @@ class DirLock:
             os.close(fd)  # we locked a file its holder removed on release: lock the one there now
         else:
             raise LockedError(f"could not lock {self.path}: it keeps being removed and made again")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"tool": self.tool, "pid": os.getpid(), "started": time.time()}).encode(), 0)
+        try:  # who holds it, for the refusal's sake only: a full disk must not stop the holder
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({"tool": self.tool, "pid": os.getpid(), "started": time.time()}).encode(), 0)
+        except OSError:
+            pass
         self._fd = fd
         return self
 
@@ -67,7 +70,7 @@ class DirLock:
             if remove:
                 try:
                     self.path.unlink()
-                except FileNotFoundError:
+                except OSError:  # already gone, or a read-only file system: the flock is what counts
                     pass
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None

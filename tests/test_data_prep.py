@@ -437,13 +437,13 @@ def test_errors_are_one_line_exit_2_and_write_nothing(tmp_path, case):
         "unknown_flag": (["--builtin", "--vocab", "300"], "unrecognized arguments: --vocab"),
         "train_is_a_directory": (["--train", str(tmp_path)], "is a directory"),
     }[case]
-    out = tmp_path / "out"
+    out = tmp_path / "new" / "out"
     r = _cli([*args, "--out", str(out)], cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bin/prepare_data: error: ") and message in lines[0], r.stderr
     assert "Traceback" not in r.stderr
-    assert not out.exists()
+    assert not (tmp_path / "new").exists()  # not even the directories it would have made
 
 
 def test_ranks_over_uint16_refused(tmp_path):
