@@ -29,8 +29,10 @@ FORMAT_VERSION = 1
 HEADER_BYTES = 64
 _HEADER = struct.Struct("<8sIIQ")  # magic, version, itemsize, count (24 bytes; the rest is padding)
 DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
-# Test hook: half way through writing each shard, sleep this many seconds, or with "@PATH" wait until PATH exists.
+# Test hooks: half way through writing each shard (or, for the second, while encoding each chunk of text), sleep
+# this many seconds, or with "@PATH" make PATH.waiting and wait until PATH exists (see `pause_for_test`).
 PAUSE_ENV = "STORYLLAMA_TEST_PAUSE_IN_SHARD_WRITE"
+PAUSE_TOKENIZE_ENV = "STORYLLAMA_TEST_PAUSE_IN_TOKENIZE"
 
 
 class ShardError(ValueError):
@@ -63,7 +65,7 @@ def write_shard(path: str | Path, tokens: np.ndarray) -> None:
             if pause:  # test hook: stop half way through the data so a test can kill the process here
                 f.write(data[: len(data) // 2])
                 f.flush()
-                _pause(pause)
+                pause_for_test(pause)
                 f.write(data[len(data) // 2 :])
             else:
                 f.write(data)
@@ -72,12 +74,16 @@ def write_shard(path: str | Path, tokens: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def _pause(how: str) -> None:
+def pause_for_test(how: str) -> None:
+    """"SECONDS": sleep; "@PATH": create PATH.waiting (so a test knows we are here), wait for PATH (at most 300 s)."""
     if not how.startswith("@"):
         time.sleep(float(how))
         return
+    path = how[1:]
+    with open(path + ".waiting", "a"):
+        pass
     deadline = time.monotonic() + 300
-    while not os.path.exists(how[1:]) and time.monotonic() < deadline:
+    while not os.path.exists(path) and time.monotonic() < deadline:
         time.sleep(0.05)
 
 

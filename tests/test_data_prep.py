@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import tiktoken
 
 from data_prep import builtin, encode, sources
 from data_prep.prepare import MARKER_FILE, PrepareError, PrepareOptions, main, prepare
-from data_prep.shards import HEADER_BYTES, PAUSE_ENV, open_shard, read_header
+from data_prep.shards import HEADER_BYTES, PAUSE_ENV, PAUSE_TOKENIZE_ENV, open_shard, read_header
 from data_prep.tokenizer import (
     EOT,
     GPT2_PAT_STR,
@@ -626,6 +627,33 @@ def test_ctrl_c_is_one_line_exit_2_keeps_nothing_unfinished_and_the_rerun_finish
     ref = tmp_path / "ref"
     assert main(["--no_progress", *args[:-1], str(ref)]) == 0
     assert dir_snapshot_bytes(out) == dir_snapshot_bytes(ref)
+
+
+def test_ctrl_c_while_tokenizing_stops_without_waiting_for_the_queue(tmp_path):
+    out, go = tmp_path / "out", tmp_path / "go"
+    args = [*SMALL, "--num_proc", "2", "--out", str(out)]
+    proc = _start(args, **{PAUSE_TOKENIZE_ENV: f"@{go}"})  # a tokenizer worker holds its chunk until `go`
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "go.waiting").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.02)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    proc.send_signal(signal.SIGINT)  # the main thread is waiting for that chunk
+    try:
+        deadline = time.monotonic() + 30
+        while not any("interrupted" in ln for ln in lines):  # said, and cleaned up, while the worker still holds
+            assert time.monotonic() < deadline, f"no word 30 s after Ctrl-C: {lines}"
+            time.sleep(0.05)
+        assert not out.exists()
+    finally:
+        go.touch()  # the worker finishes its chunk; nothing waits for the queued ones
+    proc.wait(timeout=60)
+    reader.join(timeout=10)
+    assert proc.returncode == 2 and "interrupted" in _last_line_only("".join(lines))
+    assert main(["--no_progress", *args]) == 0
+    assert (out / "meta.json").is_file()
 
 
 def test_ctrl_c_keeps_the_user_s_directory_and_a_dead_run_s_leftovers_go(tmp_path):
