@@ -571,7 +571,7 @@ def test_second_run_on_the_same_out_is_refused_and_the_first_finishes_whole(tmp_
         _wait_for(out / "train_000000.bin.tmp", first)
         for other in ([*SMALL, "--out", str(out)], [*SMALL[:-3], "bpe:400", "--out", str(out)]):  # same / other data
             r = _cli(other, cwd=REPO)
-            assert r.returncode == 2, r.stderr
+            assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr  # refused before a log line
             line = _last_line_only(r.stderr)
             assert f"in use by another bin/prepare_data (pid {first.pid}" in line and str(out) in line, r.stderr
         go.touch()
