@@ -14,6 +14,7 @@ whole-chunk calls 36 MB per CPU-second.
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import tiktoken
+
+from .shards import PAUSE_TOKENIZE_ENV, pause_for_test
 
 CHUNK_CHARS = 1 << 20  # ~1 MB of text per task: big enough to amortise the hand-off, small enough to keep order cheap
 
@@ -56,6 +59,9 @@ def encode_chunk(enc: tiktoken.Encoding, docs: list[str], dtype: np.dtype) -> En
     Rust (and gives up the GIL) once per chunk instead of once per story. A chunk where a story itself
     contains the text "<|endoftext|>" (or lone surrogates) takes the per-document path instead.
     """
+    pause = os.environ.get(PAUSE_TOKENIZE_ENV)
+    if pause:  # test hook: hold a tokenizer worker here, so a test can interrupt the run while it tokenizes
+        pause_for_test(pause)
     eot_text = enc.decode([enc.eot_token])
     joined = eot_text.join(docs) + eot_text
     if joined.count(eot_text) == len(docs):
@@ -95,7 +101,8 @@ def encode_documents(enc: tiktoken.Encoding, docs: Iterable[str], dtype: np.dtyp
         for chunk in chunks:
             yield encode_chunk(enc, chunk, dtype)
         return
-    with ThreadPoolExecutor(num_proc, thread_name_prefix="tokenize") as pool:
+    pool = ThreadPoolExecutor(num_proc, thread_name_prefix="tokenize")
+    try:
         pending: deque = deque()
         for chunk in chunks:
             pending.append(pool.submit(encode_chunk, enc, chunk, dtype))
@@ -103,3 +110,7 @@ def encode_documents(enc: tiktoken.Encoding, docs: Iterable[str], dtype: np.dtyp
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+    except BaseException:  # an error or Ctrl-C: drop the queued chunks instead of encoding them all first
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()

@@ -5,33 +5,55 @@
     bin/prepare_data --dataset roneneldan/TinyStories --tokenizer gpt2 --out data/tinystories-gpt2
 
 Steps, in an order that writes nothing until every check has passed:
-1. check the options and the source files (existence, format, at least one document);
+1. check the options and the source files (existence, format);
 2. look at the output directory: a finished output of the same command -> say so and stop; a finished
-   or unfinished output of another command, or a directory we did not write -> refuse;
-3. open the sources (split off `--val_fraction` of a single source), get or train the tokenizer;
-4. write `prepare.inprogress.json` (what is being made), `tokenizer.tiktoken`, the shards of each
-   split (each to `.tmp` and renamed), and last `meta.json`, atomically; then drop the marker.
-A run that fails with an error removes what it wrote. A run that is killed leaves the marker and
-perhaps some `.tmp` files and whole shards, never `meta.json`; the next run of the same command
-clears them and starts again.
+   output of another command, or a directory we did not write -> refuse;
+3. take the output's lock (`storyllama.locking.DirLock`: an flock on OUT/.storyllama.lock that dies with
+   the process), or refuse at once, naming the run that holds it; under the lock, look again (another
+   run may have finished meanwhile, or died leaving an unfinished output of other data);
+4. open the sources (split off `--val_fraction` of a single source), check each holds a document, get
+   or train the tokenizer;
+5. write `prepare.inprogress.json` (what is being made), `tokenizer.tiktoken`, the shards of each
+   split (each to `.tmp` and renamed), and last `meta.json`, atomically; then drop the marker and
+   the lock file.
+A run that fails with an error, or is stopped with Ctrl-C, removes what it wrote (never what another
+run made: the lock keeps other runs out while it writes, and it deletes nothing before step 5). A run
+that is killed leaves the marker and perhaps some `.tmp` files and whole shards, never `meta.json`;
+the next run of the same command clears them and starts again.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import logging
+import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
+from storyllama.config import OneLineErrorParser
+from storyllama.locking import LOCK_NAME, DirLock
+
 from . import builtin, sources
 from .encode import encode_documents
-from .shards import DTYPES, FORMAT_VERSION, ShardError, ShardWriter, read_header, write_json_atomic
+from .shards import (
+    DTYPES,
+    FORMAT_VERSION,
+    ShardError,
+    ShardWriter,
+    naming_the_file,
+    read_header,
+    write_json_atomic,
+)
 from .tokenizer import (
     GPT2_PAT_STR,
     TOKENIZER_FILE,
@@ -51,6 +73,8 @@ MARKER_FILE = "prepare.inprogress.json"
 SPLITS = ("train", "val")
 DEFAULT_VAL_FRACTION = 0.05
 DEFAULT_SHARD_TOKENS = 50_000_000  # 100 MB per uint16 shard; the writer holds up to two in memory
+MIN_SHARD_TOKENS = 1024  # smaller shards only make many tiny files (--shard_tokens 1: one file per token)
+MAX_NUM_PROC = 1024  # tokenizer threads
 DEFAULT_BUILTIN_STORIES = 6_000  # ~3.4 MB of text: a few minutes of CPU training for the demo
 DEFAULT_BPE_TRAIN_MB = 200.0  # plenty for a 4k-32k vocabulary of simple stories; bounds the training time
 
@@ -103,18 +127,23 @@ def _identity(o: PrepareOptions) -> dict:
         raise PrepareError("give --val FILE... or --val_fraction F, not both")
     if o.dataset and o.val_fraction is not None:
         raise PrepareError(f"--dataset {o.dataset} has its own validation split; drop --val_fraction")
-    if o.shard_tokens < 1:
-        raise PrepareError(f"--shard_tokens {o.shard_tokens} must be at least 1 (e.g. {DEFAULT_SHARD_TOKENS})")
+    if o.shard_tokens < MIN_SHARD_TOKENS:
+        raise PrepareError(f"--shard_tokens {o.shard_tokens:,} is too small: shards hold at least {MIN_SHARD_TOKENS:,} "
+                           f"tokens (the default {DEFAULT_SHARD_TOKENS:,} makes 100 MB shards)")
     if o.builtin and o.builtin_stories < 2:
         raise PrepareError(f"--builtin_stories {o.builtin_stories} must be at least 2 (one for val)")
-    if o.bpe_train_mb <= 0:
-        raise PrepareError(f"--bpe_train_mb {o.bpe_train_mb} must be positive (e.g. {DEFAULT_BPE_TRAIN_MB})")
-    if o.num_proc is not None and o.num_proc < 1:
-        raise PrepareError(f"--num_proc {o.num_proc} must be at least 1")
+    if not (math.isfinite(o.bpe_train_mb) and o.bpe_train_mb > 0):
+        raise PrepareError(f"--bpe_train_mb {o.bpe_train_mb} must be a positive number of MB "
+                           f"(e.g. {DEFAULT_BPE_TRAIN_MB:g})")
+    if o.num_proc is not None and not 1 <= o.num_proc <= MAX_NUM_PROC:
+        raise PrepareError(f"--num_proc {o.num_proc} must be between 1 and {MAX_NUM_PROC:,} (tokenizer threads; "
+                           f"this machine has {default_num_proc()} cores)")
+    if o.seed < 0:
+        raise PrepareError(f"--seed {o.seed} must be a non-negative integer (e.g. 1337)")
     splits_off = not o.dataset and not o.val
     val_fraction = (DEFAULT_VAL_FRACTION if o.val_fraction is None else o.val_fraction) if splits_off else None
-    if val_fraction is not None and not 0.0 < val_fraction < 1.0:
-        raise PrepareError(f"--val_fraction {val_fraction} must be between 0 and 1 (e.g. 0.05)")
+    if val_fraction is not None and not 0.0 < val_fraction < 1.0:  # NaN fails the comparison too
+        raise PrepareError(f"--val_fraction {val_fraction} must be between 0 and 1, both excluded (e.g. 0.05)")
 
     if o.dataset:
         source = {"kind": "huggingface", "dataset": o.dataset}
@@ -126,6 +155,8 @@ def _identity(o: PrepareOptions) -> dict:
                   "val": sources.file_source(o.val, "--val").describe()["files"] if o.val else None}
     tok_sha = None
     if o.tokenizer_file is not None:
+        if Path(o.tokenizer_file).is_dir():
+            raise PrepareError(f"--tokenizer_file {o.tokenizer_file} is a directory; give the .tiktoken file in it")
         if not Path(o.tokenizer_file).is_file():
             raise PrepareError(f"--tokenizer_file {o.tokenizer_file}: no such file; check the path")
         tok_sha = file_sha256(o.tokenizer_file)
@@ -153,7 +184,7 @@ def _differences(old: dict, new: dict) -> str:
 def _ours(path: Path) -> bool:
     """Files prepare_data writes into an output directory."""
     n = path.name
-    return (n in (META_FILE, MARKER_FILE, TOKENIZER_FILE) or n.endswith(".tmp")
+    return (n in (META_FILE, MARKER_FILE, TOKENIZER_FILE, LOCK_NAME) or n.endswith(".tmp")
             or (n.endswith(".bin") and n.split("_")[0] in SPLITS))
 
 
@@ -173,8 +204,11 @@ def _check_complete(out: Path, meta: dict) -> None:
                            "again") from None
 
 
-def _check_output(out: Path, identity: dict) -> dict | None:
-    """Return the finished meta when `out` already holds this output; raise when it holds something else."""
+def _check_output(out: Path, identity: dict, locked: bool) -> dict | None:
+    """Return the finished meta when `out` already holds this output; raise when it holds something else.
+
+    Without the lock (`locked` False) an unfinished output may be another run's, still going: it is left
+    for the lock to decide. Under the lock it is a dead run's, of this command (cleared) or not (refused)."""
     if not out.exists():
         return None
     if not out.is_dir():
@@ -192,6 +226,8 @@ def _check_output(out: Path, identity: dict) -> dict | None:
         _check_complete(out, meta)
         return meta
     if marker_path.is_file():
+        if not locked:
+            return None
         try:
             diff = _differences(json.loads(marker_path.read_text()), identity)
         except ValueError:
@@ -200,7 +236,7 @@ def _check_output(out: Path, identity: dict) -> dict | None:
             raise PrepareError(f"{out} holds an unfinished preparation of other data ({diff}); delete {out} or "
                                "choose another --out")
         return None
-    if any(out.iterdir()):
+    if any(p.name != LOCK_NAME for p in out.iterdir()):  # the lock file alone: a run that died before writing
         raise PrepareError(f"--out {out} is not empty and was not written by prepare_data; choose an empty or "
                            "new directory")
     return None
@@ -243,10 +279,30 @@ def _get_ranks(o: PrepareOptions, train: sources.Source) -> dict[bytes, int]:
                                f"<|endoftext|>, not {vocab:,}: use --tokenizer bpe:{len(ranks) + 1}")
         return ranks
     t0 = time.perf_counter()
-    ranks = train_bpe(_capped(train.documents(), o.bpe_train_mb * 1e6), vocab)
+    ranks = _interruptible(train_bpe, _capped(train.documents(), o.bpe_train_mb * 1e6), vocab)
     log.info("trained %s on up to %.0f MB of training text in %.1f s", o.tokenizer, o.bpe_train_mb,
              time.perf_counter() - t0)
     return ranks
+
+
+def _interruptible(fn, *args):
+    """fn(*args) on a daemon thread, so that Ctrl-C stops the main thread at once: the BPE trainer runs in
+    Rust and would not let Python see the signal until it has finished (minutes on a large corpus)."""
+    result: dict = {}
+
+    def target() -> None:
+        try:
+            result["value"] = fn(*args)
+        except BaseException as e:  # handed to the caller
+            result["error"] = e
+
+    worker = threading.Thread(target=target, name="train-bpe", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.1)  # a short wait: the main thread takes the KeyboardInterrupt between waits
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
 
 
 def prepare(o: PrepareOptions) -> dict:
@@ -254,12 +310,27 @@ def prepare(o: PrepareOptions) -> dict:
     t_start = time.perf_counter()
     out = Path(o.out)
     identity = _identity(o)
-    existing = _check_output(out, identity)
-    if existing is not None:
-        log.info("%s is already complete for these options (%s); nothing to do", out,
-                 ", ".join(f"{s}: {existing['splits'][s]['tokens']:,} tokens" for s in SPLITS))
-        return existing
+    existing = _check_output(out, identity, locked=False)  # reads only: a refusal here writes nothing
+    if existing is None:
+        created = [d for d in (out, *out.parents) if not d.exists()]  # deepest first
+        lock = DirLock(out, "bin/prepare_data")
+        try:
+            lock.acquire()  # LockedError (a ValueError) names the run that holds it
+            existing = _check_output(out, identity, locked=True)  # again: another run may have finished
+            if existing is None:
+                return _prepare_locked(o, out, identity, t_start)
+        finally:
+            lock.release(remove=True)  # a finished output keeps no lock file; a killed run leaves a harmless one
+            for d in created:  # rmdir removes only an empty directory: a failed first run leaves none behind
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+    log.info("%s is already complete for these options (%s); nothing to do", out,
+             ", ".join(f"{s}: {existing['splits'][s]['tokens']:,} tokens" for s in SPLITS))
+    return existing
 
+
+def _prepare_locked(o: PrepareOptions, out: Path, identity: dict, t_start: float) -> dict:
+    """Steps 4 and 5 of the module docstring, holding the lock on `out`."""
     train, val = _open_sources(o, identity)
     train.check_not_empty("the training source")
     val.check_not_empty("the validation source")
@@ -268,14 +339,15 @@ def prepare(o: PrepareOptions) -> dict:
     dtype = DTYPES[2]  # parse_tokenizer_name and check_ranks keep every id below 65,536
     num_proc = o.num_proc or default_num_proc()
 
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.iterdir():  # an interrupted run of this same command: start again from nothing
-        if stale.name != MARKER_FILE and _ours(stale):
-            stale.unlink()
     try:
+        # Under the lock, _check_output has seen no meta.json and at most a dead run's marker of this same
+        # command: its files are the only ones we remove. Start again from nothing.
+        for stale in out.iterdir():
+            if stale.name not in (MARKER_FILE, LOCK_NAME) and _ours(stale):
+                stale.unlink()
         write_json_atomic(out / MARKER_FILE, identity)
-        dump_ranks(ranks, out / TOKENIZER_FILE)
+        with naming_the_file(out / TOKENIZER_FILE):
+            dump_ranks(ranks, out / TOKENIZER_FILE)
         splits = {}
         for split, src in (("train", train), ("val", val)):
             splits[split] = _write_split(out, split, src, enc, dtype, num_proc, o)
@@ -293,13 +365,25 @@ def prepare(o: PrepareOptions) -> dict:
         log.info("done in %.1f s: %s (%s, vocab %s, eot %d)", time.perf_counter() - t_start, out, o.tokenizer,
                  f"{enc.n_vocab:,}", enc.eot_token)
     except BaseException:
-        for path in out.iterdir():  # leave nothing half-made behind (a SIGKILL skips this; see above)
-            if _ours(path):
-                path.unlink()
-        if created and not any(out.iterdir()):
-            out.rmdir()
+        with _sigint_held():  # a second Ctrl-C must not stop the clean-up half way
+            for path in out.iterdir():  # leave nothing half-made behind (a SIGKILL skips this; see above)
+                if path.name != LOCK_NAME and _ours(path):
+                    path.unlink()
         raise
     return meta
+
+
+@contextlib.contextmanager
+def _sigint_held():
+    """Ignore SIGINT for the block (main thread only; elsewhere Python delivers no signals anyway)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
 
 
 def _write_split(out: Path, split: str, src: sources.Source, enc, dtype, num_proc: int,
@@ -326,9 +410,10 @@ def _write_split(out: Path, split: str, src: sources.Source, enc, dtype, num_pro
 # Command line
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bin/prepare_data", description="Tokenize stories into uint16 token shards "
-                                "(OUT/{train,val}_NNNNNN.bin), OUT/tokenizer.tiktoken and OUT/meta.json.")
+def build_parser(prog: str = "bin/prepare_data") -> argparse.ArgumentParser:
+    """Usage errors are one line and exit 2 (OneLineErrorParser); each default is said once, in its help."""
+    p = OneLineErrorParser(prog=prog, description="Tokenize stories into uint16 token shards "
+                           "(OUT/{train,val}_NNNNNN.bin), OUT/tokenizer.tiktoken and OUT/meta.json.")
     src = p.add_argument_group("source (exactly one)")
     src.add_argument("--dataset", help="Hugging Face dataset name, e.g. roneneldan/TinyStories (train + validation)")
     src.add_argument("--train", nargs="+", default=[], metavar="FILE",
@@ -336,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--val", nargs="+", default=[], metavar="FILE", help="validation files (with --train)")
     src.add_argument("--builtin", action="store_true", help="stories from the built-in seeded story writer")
     src.add_argument("--builtin_stories", type=int, default=DEFAULT_BUILTIN_STORIES,
-                     help=f"how many built-in stories (default {DEFAULT_BUILTIN_STORIES}, ~0.57 KB each)")
+                     help=f"how many built-in stories (default {DEFAULT_BUILTIN_STORIES:,}, ~0.57 KB each)")
     src.add_argument("--val_fraction", type=float, default=None,
                      help=f"fraction of a single source held out for val (default {DEFAULT_VAL_FRACTION})")
     tok = p.add_argument_group("tokenizer")
@@ -349,14 +434,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (new or empty)")
     p.add_argument("--num_proc", type=int, default=None, help="tokenizer workers (default: all cores)")
     p.add_argument("--shard_tokens", type=int, default=DEFAULT_SHARD_TOKENS,
-                   help=f"tokens per shard (default {DEFAULT_SHARD_TOKENS:,}; the last shard takes the tail)")
-    p.add_argument("--seed", type=int, default=1337, help="seed of the built-in stories and the val split")
+                   help=f"tokens per shard, at least {MIN_SHARD_TOKENS:,} (default {DEFAULT_SHARD_TOKENS:,}; the "
+                   "last shard takes the tail)")
+    p.add_argument("--seed", type=int, default=1337, help="seed of the built-in stories and the val split "
+                   "(default 1337)")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def describe_os_error(e: OSError) -> str:
+    """One sentence for a failed file operation: which file, what went wrong, what to do. Only a full disk
+    (or quota, or file size limit) is called a full disk."""
+    names = " -> ".join(str(n) for n in (e.filename, e.filename2) if n is not None) or "a file"
+    what = e.strerror or str(e)
+    if e.errno in _DISK_FULL:
+        advice = ("free some space (or choose an --out on another disk) and run the same command again; "
+                  "what this run wrote was removed")
+    elif e.errno in (errno.EACCES, errno.EPERM):
+        advice = "check the permissions, or choose another path"
+    elif e.errno == errno.EROFS:
+        advice = "choose an --out on a writable file system"
+    else:
+        advice = "check the path"
+    return f"{names}: {what}; {advice}"
+
+
+def main(argv: list[str] | None = None, prog: str = "bin/prepare_data") -> int:
+    args = build_parser(prog).parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     log.setLevel(logging.INFO)
@@ -368,11 +475,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         prepare(opts)
     except ValueError as e:  # every expected failure: one line, what to change
-        print(f"prepare_data: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # disk full, permissions, ...
-        print(f"prepare_data: error: {e}", file=sys.stderr)
-        return 1
+    except OSError as e:  # disk full, permissions, a path through a file, ...
+        print(f"{prog}: error: {describe_os_error(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted: nothing unfinished was kept in {args.out}; run the same command again to "
+              "prepare it", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -15,6 +15,7 @@ final name. `meta.json` is written last, the same way: its presence marks a comp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -28,7 +29,10 @@ FORMAT_VERSION = 1
 HEADER_BYTES = 64
 _HEADER = struct.Struct("<8sIIQ")  # magic, version, itemsize, count (24 bytes; the rest is padding)
 DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
-PAUSE_ENV = "STORYLLAMA_TEST_PAUSE_IN_SHARD_WRITE"  # seconds to sleep half way through each shard (tests)
+# Test hooks: half way through writing each shard (or, for the second, while encoding each chunk of text), sleep
+# this many seconds, or with "@PATH" make PATH.waiting and wait until PATH exists (see `pause_for_test`).
+PAUSE_ENV = "STORYLLAMA_TEST_PAUSE_IN_SHARD_WRITE"
+PAUSE_TOKENIZE_ENV = "STORYLLAMA_TEST_PAUSE_IN_TOKENIZE"
 
 
 class ShardError(ValueError):
@@ -54,19 +58,44 @@ def write_shard(path: str | Path, tokens: np.ndarray) -> None:
     header = _HEADER.pack(MAGIC, FORMAT_VERSION, tokens.dtype.itemsize, tokens.size).ljust(HEADER_BYTES, b"\0")
     tmp = path.with_name(path.name + ".tmp")
     data = memoryview(tokens).cast("B")
-    with open(tmp, "wb") as f:
-        f.write(header)
-        pause = os.environ.get(PAUSE_ENV)
-        if pause:  # test hook: stop half way through the data so a test can kill the process here
-            f.write(data[: len(data) // 2])
+    with naming_the_file(tmp):
+        with open(tmp, "wb") as f:
+            f.write(header)
+            pause = os.environ.get(PAUSE_ENV)
+            if pause:  # test hook: stop half way through the data so a test can kill the process here
+                f.write(data[: len(data) // 2])
+                f.flush()
+                pause_for_test(pause)
+                f.write(data[len(data) // 2 :])
+            else:
+                f.write(data)
             f.flush()
-            time.sleep(float(pause))
-            f.write(data[len(data) // 2 :])
-        else:
-            f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+            os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def pause_for_test(how: str) -> None:
+    """"SECONDS": sleep; "@PATH": create PATH.waiting (so a test knows we are here), wait for PATH (at most 300 s)."""
+    if not how.startswith("@"):
+        time.sleep(float(how))
+        return
+    path = how[1:]
+    with open(path + ".waiting", "a"):
+        pass
+    deadline = time.monotonic() + 300
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def naming_the_file(path: Path):
+    """A failed write() or fsync() raises an OSError that names no file: name the one being written."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
 
 
 def read_header(path: str | Path) -> tuple[np.dtype, int]:
@@ -104,7 +133,7 @@ def open_shard(path: str | Path) -> np.memmap:
 def write_json_atomic(path: str | Path, obj: dict) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
+    with naming_the_file(tmp), open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
         f.flush()

@@ -125,6 +125,8 @@ _READERS = {".txt": _read_txt, ".jsonl": _read_jsonl, ".json": _read_json, ".par
 
 
 def _check_file(path: Path, flag: str) -> Path:
+    if path.is_dir():
+        raise SourceError(f"{flag} {path} is a directory; give the files in it (e.g. {flag} {path}/*.jsonl)")
     if not path.is_file():
         raise SourceError(f"{flag} {path}: no such file; check the path")
     if path.suffix.lower() not in _READERS:

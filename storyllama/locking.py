@@ -5,7 +5,10 @@
 
 The lock is `flock` on `DIR/.storyllama.lock`. The kernel releases it when the process ends however
 it ends (SIGKILL included), so a killed run never leaves a stale lock; the file itself stays, and its
-text (tool, pid, start time) is only there to name the holder in the refusal.
+text (tool, pid, start time) is only there to name the holder in the refusal. `release(remove=True)`
+deletes the file while still holding the lock (for writers whose finished output should not keep it);
+`acquire` checks after locking that the path still names the file it locked, so a file removed that
+way can never leave two holders (one on the removed file, one on a new one).
 """
 
 from __future__ import annotations
@@ -35,22 +38,40 @@ class DirLock:
 
     def acquire(self) -> DirLock:
         """Create the directory if needed and take its lock, or raise LockedError at once (never waits)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_holder(fd)
-            os.close(fd)
-            raise LockedError(f"{self.directory} is in use by {holder}; wait for it to finish (or stop it), or "
-                              "choose another output directory") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"tool": self.tool, "pid": os.getpid(), "started": time.time()}).encode(), 0)
+        for _attempt in range(100):
+            self.directory.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # the directory was removed between mkdir and open: make it again
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise LockedError(f"{self.directory} is in use by {holder}; wait for it to finish (or stop it), or "
+                                  "choose another output directory") from None
+            if _same_file(fd, self.path):
+                break
+            os.close(fd)  # we locked a file its holder removed on release: lock the one there now
+        else:
+            raise LockedError(f"could not lock {self.path}: it keeps being removed and made again")
+        try:  # who holds it, for the refusal's sake only: a full disk must not stop the holder
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({"tool": self.tool, "pid": os.getpid(), "started": time.time()}).encode(), 0)
+        except OSError:
+            pass
         self._fd = fd
         return self
 
-    def release(self) -> None:
+    def release(self, remove: bool = False) -> None:
+        """Drop the lock; with `remove`, delete the lock file first (still holding it, so no one else has it)."""
         if self._fd is not None:
+            if remove:
+                try:
+                    self.path.unlink()
+                except OSError:  # already gone, or a read-only file system: the flock is what counts
+                    pass
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
 
@@ -59,6 +80,15 @@ class DirLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
 
 def _read_holder(fd: int) -> str:

@@ -313,3 +313,27 @@ def test_prepared_builtin_data_reads_back_as_stories(tmp_path):
     # bytes_per_token counts the documents' UTF-8 bytes (what decoding the stream gives back) per token.
     text_bytes = len(enc.decode_bytes([t for t in stream.tolist() if t != train.eot_id]))
     assert bytes_per_token(train.meta, "train") == pytest.approx(text_bytes / train.num_tokens)
+
+
+def test_token_id_out_of_the_vocabulary_names_shard_id_and_vocabulary(tmp_path):
+    d = tmp_path / "d"
+    make_data_dir(d, [1601, 1601], [801], vocab=70_000)  # ids are positions < 3,202: all inside a vocab of 4,000
+    meta = json.loads((d / "meta.json").read_text())
+    meta["tokenizer"]["vocab_size"] = 4_000
+    (d / "meta.json").write_text(json.dumps(meta))
+    data = TokenData(d, "train")
+    rb = RandomBatches(data, batch_size=4, block_size=16, seed=0)
+    for position in range(rb.batches_per_epoch):  # every batch of a clean epoch is served
+        rb.batch_at(position)
+    shard = d / "train_000001.bin"
+    raw = bytearray(shard.read_bytes())
+    raw[HEADER_BYTES + 2 * 700 : HEADER_BYTES + 2 * 701] = struct.pack("<H", 4_321)  # token 700 of shard 1
+    shard.write_bytes(bytes(raw))
+    data = TokenData(d, "train")  # the header is fine: loading says nothing
+    rb = RandomBatches(data, batch_size=4, block_size=16, seed=0)
+    with pytest.raises(DataError, match=r"train_000001\.bin holds token id 4,321 \(at token 700\), outside the "
+                                        r"vocabulary of 4,000"):
+        for position in range(rb.batches_per_epoch):
+            rb.batch_at(position)
+    with pytest.raises(DataError, match="train_000001.bin holds token id 4,321"):  # the in-order pass checks too
+        list(val_batches(data, 4, 16))

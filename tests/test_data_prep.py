@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import tiktoken
 
 from data_prep import builtin, encode, sources
 from data_prep.prepare import MARKER_FILE, PrepareError, PrepareOptions, main, prepare
-from data_prep.shards import HEADER_BYTES, PAUSE_ENV, open_shard, read_header
+from data_prep.shards import HEADER_BYTES, PAUSE_ENV, PAUSE_TOKENIZE_ENV, open_shard, read_header
 from data_prep.tokenizer import (
     EOT,
     GPT2_PAT_STR,
@@ -376,7 +377,7 @@ def test_rerun_on_a_damaged_output_refuses(tmp_path, stories):
         run_prepare(out, train=[str(train)], tokenizer="bpe:300")
 
 
-@pytest.mark.parametrize("change", [dict(tokenizer="bpe:400"), dict(val_fraction=0.2), dict(shard_tokens=999),
+@pytest.mark.parametrize("change", [dict(tokenizer="bpe:400"), dict(val_fraction=0.2), dict(shard_tokens=1999),
                                     dict(other_source=True)])
 def test_different_tokenizer_or_source_refused_without_overwrite(tmp_path, stories, change):
     train = write_jsonl(tmp_path / "t.jsonl", stories[:80])
@@ -407,7 +408,9 @@ def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("case", ["missing_file", "empty_txt", "empty_jsonl", "vocab_too_big", "bad_tokenizer",
-                                  "unknown_format", "no_source", "bad_json"])
+                                  "unknown_format", "no_source", "bad_json", "val_fraction_nan", "bpe_train_mb_inf",
+                                  "num_proc_0", "shard_tokens_1", "shard_tokens_word", "seed_negative", "unknown_flag",
+                                  "train_is_a_directory"])
 def test_errors_are_one_line_exit_2_and_write_nothing(tmp_path, case):
     empty_txt = tmp_path / "empty.txt"
     empty_txt.write_text("\n<|endoftext|>\n   \n<|endoftext|>\n")
@@ -426,14 +429,22 @@ def test_errors_are_one_line_exit_2_and_write_nothing(tmp_path, case):
         "unknown_format": (["--train", str(tmp_path / "x.csv")], "unknown format"),
         "no_source": ([], "exactly one source"),
         "bad_json": (["--train", str(bad_json), "--tokenizer", "bpe:300"], "line 2 is not JSON"),
+        "val_fraction_nan": (["--builtin", "--val_fraction", "nan"], "--val_fraction nan must be between 0 and 1"),
+        "bpe_train_mb_inf": (["--builtin", "--tokenizer", "bpe:300", "--bpe_train_mb", "inf"], "--bpe_train_mb inf"),
+        "num_proc_0": (["--builtin", "--num_proc", "0"], "--num_proc 0 must be between 1 and"),
+        "shard_tokens_1": (["--builtin", "--shard_tokens", "1"], "at least 1,024 tokens"),
+        "shard_tokens_word": (["--builtin", "--shard_tokens", "many"], "argument --shard_tokens: invalid int value"),
+        "seed_negative": (["--builtin", "--seed", "-5"], "--seed -5 must be a non-negative integer"),
+        "unknown_flag": (["--builtin", "--vocab", "300"], "unrecognized arguments: --vocab"),
+        "train_is_a_directory": (["--train", str(tmp_path)], "is a directory"),
     }[case]
-    out = tmp_path / "out"
+    out = tmp_path / "new" / "out"
     r = _cli([*args, "--out", str(out)], cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("prepare_data: error: ") and message in lines[0], r.stderr
+    assert len(lines) == 1 and lines[0].startswith("bin/prepare_data: error: ") and message in lines[0], r.stderr
     assert "Traceback" not in r.stderr
-    assert not out.exists()
+    assert not (tmp_path / "new").exists()  # not even the directories it would have made
 
 
 def test_ranks_over_uint16_refused(tmp_path):
@@ -523,3 +534,201 @@ def test_cli_bin_runs_from_repo_root(tmp_path):
     assert (out / "meta.json").is_file() and "done in" in r.stderr
     r = _cli(["--builtin", "--builtin_stories", "60", "--tokenizer", "bpe:300", "--out", str(out)], cwd=REPO)
     assert r.returncode == 0 and "already complete" in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults injected for real: a second run on the same --out, Ctrl-C, a full disk (issue 15)
+
+SMALL = ["--builtin", "--builtin_stories", "200", "--tokenizer", "bpe:300", "--shard_tokens", "20000"]
+
+
+def _start(args: list[str], **env: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(REPO / "bin" / "prepare_data"), "--no_progress", *args], cwd=REPO,
+                            env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and path.stat().st_size > HEADER_BYTES):
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before {path.name}: {proc.stderr.read()}")
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def _last_line_only(stderr: str) -> str:
+    """The error line: stderr's last line; no traceback; no other line is an error (log lines may precede)."""
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert lines and "Traceback" not in stderr, stderr
+    assert sum("error" in ln or "interrupted" in ln for ln in lines) == 1, stderr
+    return lines[-1]
+
+
+def test_second_run_on_the_same_out_is_refused_and_the_first_finishes_whole(tmp_path):
+    out, go = tmp_path / "out", tmp_path / "go"
+    first = _start([*SMALL, "--out", str(out)], **{PAUSE_ENV: f"@{go}"})  # holds in its first shard until `go`
+    try:
+        _wait_for(out / "train_000000.bin.tmp", first)
+        for other in ([*SMALL, "--out", str(out)], [*SMALL[:-3], "bpe:400", "--out", str(out)]):  # same / other data
+            r = _cli(other, cwd=REPO)
+            assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr  # refused before a log line
+            line = _last_line_only(r.stderr)
+            assert f"in use by another bin/prepare_data (pid {first.pid}" in line and str(out) in line, r.stderr
+        go.touch()
+        _, err = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, err
+    ref = tmp_path / "ref"
+    assert main(["--no_progress", *SMALL, "--out", str(ref)]) == 0
+    assert dir_snapshot_bytes(out) == dir_snapshot_bytes(ref)  # whole, and no lock file left behind
+    assert ".storyllama.lock" not in dir_snapshot_bytes(out)
+
+
+def test_a_failed_run_never_deletes_a_finished_output_of_other_data(tmp_path):
+    out = tmp_path / "out"
+    assert main(["--no_progress", *SMALL, "--out", str(out)]) == 0
+    before = dir_snapshot(out)
+    r = _cli([*SMALL[:-3], "bpe:400", "--out", str(out)], cwd=REPO)
+    assert r.returncode == 2 and "already holds data prepared differently" in _last_line_only(r.stderr)
+    assert dir_snapshot(out) == before
+
+
+def test_an_output_holding_only_a_dead_run_s_lock_file_is_ours(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".storyllama.lock").write_text('{"tool": "bin/prepare_data", "pid": 1, "started": 0}')  # nobody holds it
+    assert main(["--no_progress", *SMALL, "--out", str(out)]) == 0
+    assert (out / "meta.json").is_file() and not (out / ".storyllama.lock").exists()
+
+
+@pytest.mark.parametrize("when", ["writing", "early"])
+def test_ctrl_c_is_one_line_exit_2_keeps_nothing_unfinished_and_the_rerun_finishes(tmp_path, when):
+    out = tmp_path / "out"
+    args = [*SMALL, "--out", str(out)]
+    if when == "writing":  # half way through the first shard
+        proc = _start(args, **{PAUSE_ENV: f"@{tmp_path / 'never'}"})
+        _wait_for(out / "train_000000.bin.tmp", proc)
+    else:  # as soon as the lock is taken: making stories, training the BPE or tokenizing
+        proc = _start(args)
+        deadline = time.monotonic() + 60
+        while not (out / ".storyllama.lock").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    if when == "early" and proc.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert proc.returncode == 2, err
+    assert "interrupted" in _last_line_only(err) and "run the same command again" in err
+    assert not out.exists()  # it made the directory, and it removed it with everything in it
+
+    assert main(["--no_progress", *args]) == 0  # the same command finishes the job
+    ref = tmp_path / "ref"
+    assert main(["--no_progress", *args[:-1], str(ref)]) == 0
+    assert dir_snapshot_bytes(out) == dir_snapshot_bytes(ref)
+
+
+def test_ctrl_c_while_tokenizing_stops_without_waiting_for_the_queue(tmp_path):
+    out, go = tmp_path / "out", tmp_path / "go"
+    args = [*SMALL, "--num_proc", "2", "--out", str(out)]
+    proc = _start(args, **{PAUSE_TOKENIZE_ENV: f"@{go}"})  # a tokenizer worker holds its chunk until `go`
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "go.waiting").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.02)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    proc.send_signal(signal.SIGINT)  # the main thread is waiting for that chunk
+    try:
+        deadline = time.monotonic() + 30
+        while not any("interrupted" in ln for ln in lines):  # said, and cleaned up, while the worker still holds
+            assert time.monotonic() < deadline, f"no word 30 s after Ctrl-C: {lines}"
+            time.sleep(0.05)
+        assert not out.exists()
+    finally:
+        go.touch()  # the worker finishes its chunk; nothing waits for the queued ones
+    proc.wait(timeout=60)
+    reader.join(timeout=10)
+    assert proc.returncode == 2 and "interrupted" in _last_line_only("".join(lines))
+    assert main(["--no_progress", *args]) == 0
+    assert (out / "meta.json").is_file()
+
+
+def test_ctrl_c_keeps_the_user_s_directory_and_a_dead_run_s_leftovers_go(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()  # the user's, empty
+    proc = _start([*SMALL, "--out", str(out)], **{PAUSE_ENV: f"@{tmp_path / 'never'}"})
+    _wait_for(out / "train_000000.bin.tmp", proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "interrupted" in _last_line_only(err)
+    assert out.is_dir() and not list(out.iterdir())
+
+
+def _mount_small_disk(mnt: Path, size_kb: int) -> None:
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here to fill a disk for real: {r.stderr.decode().strip()}")
+
+
+def test_full_disk_is_one_line_naming_the_file_exit_2_and_removes_what_it_wrote(tmp_path):
+    mnt = tmp_path / "small_disk"
+    _mount_small_disk(mnt, 200)  # the shards need ~330 KB
+    try:
+        (mnt / "mine.txt").write_text("the user's")
+        out = mnt / "out"
+        r = _cli(["--builtin", "--builtin_stories", "600", "--tokenizer", "bpe:300", "--out", str(out)], cwd=REPO)
+        assert r.returncode == 2, r.stderr
+        line = _last_line_only(r.stderr)
+        assert "No space left on device" in line and str(out / "train_000000.bin.tmp") in line, line
+        assert not out.exists() and (mnt / "mine.txt").read_text() == "the user's"
+    finally:
+        subprocess.run(["umount", str(mnt)])
+
+
+def test_an_error_that_is_not_the_disk_does_not_blame_the_disk(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("mine")
+    r = _cli([*SMALL, "--out", str(blocker / "out")], cwd=REPO)
+    assert r.returncode == 2, r.stderr
+    line = _last_line_only(r.stderr)
+    assert "Not a directory" in line and str(blocker / "out") in line and "space" not in line, line
+    assert blocker.read_text() == "mine"
+
+
+@pytest.mark.parametrize("how", ["read_only_file_system", "no_permission"])
+def test_an_unwritable_out_is_one_line_naming_it_and_not_a_disk_full(tmp_path, how):
+    parent = tmp_path / "parent"
+    if how == "read_only_file_system":
+        parent.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(parent)], capture_output=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a read-only tmpfs here: {r.stderr.decode().strip()}")
+        expected = "Read-only file system"
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes through any permission bits")
+        parent.mkdir(mode=0o500)
+        expected = "Permission denied"
+    try:
+        r = _cli([*SMALL, "--out", str(parent / "out")], cwd=REPO)
+    finally:
+        if how == "read_only_file_system":
+            subprocess.run(["umount", str(parent)])
+    assert r.returncode == 2, r.stderr
+    line = _last_line_only(r.stderr)
+    assert expected in line and str(parent / "out") in line and "space" not in line, line
+
+
+def test_help_says_each_default_once(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for default in ("default 6,000", "default 0.05", "default gpt2", "default 200)", "default: all cores",
+                    "default 50,000,000", "default 1337"):
+        assert text.count(default) == 1, default
+    assert "at least 1,024" in text
