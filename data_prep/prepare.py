@@ -45,6 +45,7 @@ from storyllama.locking import LOCK_NAME, DirLock
 
 from . import builtin, sources
 from .encode import encode_documents
+from .hf_tokenizer import HF_TOKENIZER_FILE
 from .shards import (
     DTYPES,
     FORMAT_VERSION,
@@ -60,10 +61,13 @@ from .tokenizer import (
     dump_ranks,
     file_sha256,
     gpt2_ranks,
+    is_hf_spec,
+    load_hf_spec,
     load_ranks,
     make_encoding,
     parse_tokenizer_name,
     train_bpe,
+    write_hf_tokenizer,
 )
 
 log = logging.getLogger("data_prep")
@@ -116,7 +120,7 @@ def default_num_proc() -> int:
 
 def _identity(o: PrepareOptions) -> dict:
     """The source and options that define the output (num_proc does not: the output is the same)."""
-    kind, _vocab = parse_tokenizer_name(o.tokenizer)
+    kind, _vocab = ("hf", None) if is_hf_spec(o.tokenizer) else parse_tokenizer_name(o.tokenizer)
     given = [name for name, on in (("--dataset", o.dataset), ("--train", o.train), ("--builtin", o.builtin)) if on]
     if len(given) != 1:
         raise PrepareError(f"give exactly one source: --dataset NAME, --train FILE... or --builtin "
@@ -184,7 +188,7 @@ def _differences(old: dict, new: dict) -> str:
 def _ours(path: Path) -> bool:
     """Files prepare_data writes into an output directory."""
     n = path.name
-    return (n in (META_FILE, MARKER_FILE, TOKENIZER_FILE, LOCK_NAME) or n.endswith(".tmp")
+    return (n in (META_FILE, MARKER_FILE, TOKENIZER_FILE, HF_TOKENIZER_FILE, LOCK_NAME) or n.endswith(".tmp")
             or (n.endswith(".bin") and n.split("_")[0] in SPLITS))
 
 
@@ -334,8 +338,11 @@ def _prepare_locked(o: PrepareOptions, out: Path, identity: dict, t_start: float
     train, val = _open_sources(o, identity)
     train.check_not_empty("the training source")
     val.check_not_empty("the validation source")
-    ranks = _get_ranks(o, train)
-    enc = make_encoding(o.tokenizer, ranks, GPT2_PAT_STR)
+    if is_hf_spec(o.tokenizer):  # an imported tokenizer.json: nothing to train, ids as it gives them
+        ranks, enc = None, load_hf_spec(o.tokenizer)
+    else:
+        ranks = _get_ranks(o, train)
+        enc = make_encoding(o.tokenizer, ranks, GPT2_PAT_STR)
     dtype = DTYPES[2]  # parse_tokenizer_name and check_ranks keep every id below 65,536
     num_proc = o.num_proc or default_num_proc()
 
@@ -346,16 +353,20 @@ def _prepare_locked(o: PrepareOptions, out: Path, identity: dict, t_start: float
             if stale.name not in (MARKER_FILE, LOCK_NAME) and _ours(stale):
                 stale.unlink()
         write_json_atomic(out / MARKER_FILE, identity)
-        with naming_the_file(out / TOKENIZER_FILE):
-            dump_ranks(ranks, out / TOKENIZER_FILE)
+        if ranks is None:
+            with naming_the_file(out / HF_TOKENIZER_FILE):
+                tok_meta = write_hf_tokenizer(enc, out, source=o.tokenizer[3:])
+        else:
+            with naming_the_file(out / TOKENIZER_FILE):
+                dump_ranks(ranks, out / TOKENIZER_FILE)
+            tok_meta = {"name": o.tokenizer, "vocab_size": enc.n_vocab, "eot_id": enc.eot_token,
+                        "file": TOKENIZER_FILE, "sha256": file_sha256(out / TOKENIZER_FILE), "pat_str": GPT2_PAT_STR}
         splits = {}
         for split, src in (("train", train), ("val", val)):
             splits[split] = _write_split(out, split, src, enc, dtype, num_proc, o)
         meta = {
             "format_version": FORMAT_VERSION,
-            "tokenizer": {"name": o.tokenizer, "vocab_size": enc.n_vocab, "eot_id": enc.eot_token,
-                          "file": TOKENIZER_FILE, "sha256": file_sha256(out / TOKENIZER_FILE),
-                          "pat_str": GPT2_PAT_STR},
+            "tokenizer": tok_meta,
             "dtype": dtype.name,
             **identity,
             "splits": splits,
@@ -425,8 +436,9 @@ def build_parser(prog: str = "bin/prepare_data") -> argparse.ArgumentParser:
     src.add_argument("--val_fraction", type=float, default=None,
                      help=f"fraction of a single source held out for val (default {DEFAULT_VAL_FRACTION})")
     tok = p.add_argument_group("tokenizer")
-    tok.add_argument("--tokenizer", default="gpt2", help="gpt2 or bpe:N (a byte-level BPE of vocabulary N trained "
-                     "on the training text); default gpt2")
+    tok.add_argument("--tokenizer", default="gpt2", help="gpt2, bpe:N (a byte-level BPE of vocabulary N trained "
+                     "on the training text) or hf:PATH (a tokenizer.json, or a model or run directory holding one, "
+                     "e.g. an imported model's run); default gpt2")
     tok.add_argument("--tokenizer_file", default=None, metavar="PATH",
                      help="a .tiktoken ranks file: GPT-2's for offline use, or an earlier bpe:N to reuse")
     tok.add_argument("--bpe_train_mb", type=float, default=DEFAULT_BPE_TRAIN_MB,

@@ -126,18 +126,22 @@ def build_model_config(args: argparse.Namespace, vocab_from_data: int) -> ModelC
     return cfg
 
 
-def _model_config(args: argparse.Namespace, ckpt: Path | None, meta: dict) -> ModelConfig:
-    """The checkpoint's model when resuming (flags that contradict it are an error), else the flags'."""
+def _model_config(args: argparse.Namespace, ckpt: Path | None, meta: dict, init_from: str | None) -> ModelConfig:
+    """The checkpoint's model when resuming or fine-tuning (flags that contradict it are an error, but for
+    --dropout when fine-tuning), else the flags'."""
     asked = build_model_config(args, meta["tokenizer"]["vocab_size"])
-    if ckpt is None:
+    source = ckpt if ckpt is not None else (checkpoint.resolve(init_from) if init_from else None)
+    if source is None:
         return asked
-    mcfg = checkpoint.load_model_config(ckpt)
+    mcfg = checkpoint.load_model_config(source)
+    if ckpt is None and "dropout" in given(args, ModelConfig):
+        mcfg = replace(mcfg, dropout=asked.dropout)
     if given(args, ModelConfig) or args.preset:
         diff = {k: (v, getattr(asked, k)) for k, v in asdict(mcfg).items() if v != getattr(asked, k)}
         if diff:
-            raise ValueError(f"cannot resume {ckpt}: its model differs from the flags given "
-                             f"({', '.join(f'{k}: checkpoint {a}, flags {b}' for k, (a, b) in diff.items())}); "
-                             "drop those flags or start a new --out")
+            differs = ", ".join(f"{k}: checkpoint {a}, flags {b}" for k, (a, b) in diff.items())
+            raise ValueError(f"cannot {'resume' if ckpt is not None else 'start from'} {source}: its model differs "
+                             f"from the flags given ({differs}); drop those flags or start a new --out")
     return mcfg
 
 
@@ -241,7 +245,8 @@ def build_run(cfg: TrainConfig, args: argparse.Namespace, d: Dist, device: torch
     meta = load_meta(data_dir)
     if ckpt is not None:
         _check_same_tokenizer(ckpt, meta)
-    mcfg = _model_config(args, ckpt, meta)
+    init_from = cfg.init_from if ckpt is None else None  # a resumed fine-tune continues from its own checkpoint
+    mcfg = _model_config(args, ckpt, meta, init_from)
     T = mcfg.block_size
     train_data, val_data = TokenData(data_dir, "train"), TokenData(data_dir, "val")
     accum = grad_accum_steps(cfg, T, d.world_size)
@@ -263,6 +268,12 @@ def build_run(cfg: TrainConfig, args: argparse.Namespace, d: Dist, device: torch
     # Fused AdamW (CPU and CUDA) skips a step on the device when `found_inf` is set: no host sync.
     optimizer = torch.optim.AdamW(raw_model.param_groups(cfg.weight_decay), lr=cfg.max_lr,
                                   betas=(cfg.beta1, cfg.beta2), fused=device.type in ("cuda", "cpu"))
+    if init_from is not None:  # weights only; the optimizer, step and data position start fresh
+        from storyllama.importer import init_weights_from
+
+        source = init_weights_from(raw_model, init_from, meta)
+        if d.master:
+            log.info("fine-tuning from %s: its weights, a fresh optimizer, step 0", source)
     if ckpt is not None:
         checkpoint.load_weights(raw_model, ckpt)
         checkpoint.load_optimizer(optimizer, ckpt)

@@ -90,7 +90,7 @@ def test_imported_run_is_an_ordinary_run(imported_hf):
     ckpt = checkpoint.resolve(run)
     assert ckpt.name == "step_000000"
     assert {p.name for p in ckpt.iterdir()} == {"model.safetensors", "model_config.json", "trainer_state.json",
-                                                "optimizer.pt", "meta.json", "tokenizer.json"}
+                                                "optimizer.pt", "meta.json", "tokenizer.json", "checksums.json"}
     enc = load_encoding(ckpt)
     assert enc.eot_token == 0 and enc.n_vocab == 300
     text = "Once upon a time, Lily saw a big red ball.\n\nShe said \"hi\"."

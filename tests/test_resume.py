@@ -271,3 +271,30 @@ def test_the_training_step_does_not_sync_on_cuda(builtin_data, tmp_path, monkeyp
                               "--block_size", "64", "--batch_size", "4", "--total_iters", "6", "--log_interval", "3",
                               "--device", "cuda", "--sample_tokens", "0", "--compile", "false"])
     assert T.train(cfg, ns)["step"] == 6
+
+
+def test_init_from_starts_a_fine_tune_from_a_runs_weights(builtin_data, tmp_path, capsys):
+    """--init_from: the source run's weights (and model shape), a fresh optimizer, step 0, a new run directory;
+    data with another tokenizer is refused by name."""
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
+    assert train_main(args(builtin_data, base, "--batch_size", "2", "--total_iters", "3")) == 0
+    # no shape flags: the shape comes from the source; an LR of 1e-12 leaves the weights where they started
+    assert train_main(["--data", str(builtin_data), "--out", str(tuned), "--init_from", str(base), "--batch_size", "2",
+                       "--total_iters", "2", "--max_lr", "1e-12", "--device", "cpu", "--sample_tokens", "0"]) == 0
+    state = checkpoint.load_state(checkpoint.resolve(tuned))
+    assert state["step"] == 2 and state["tokens_seen"] == 2 * 2 * 64
+    opt = torch.load(checkpoint.resolve(tuned) / "optimizer.pt", weights_only=True)
+    assert {int(s["step"]) for s in opt["state"].values()} == {2}  # a fresh optimizer, not the base's 3 steps
+    a = load_file(str(checkpoint.resolve(base) / "model.safetensors"))
+    b = load_file(str(checkpoint.resolve(tuned) / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-8)
+    from data_prep.prepare import main as prepare_main
+
+    other = tmp_path / "other"
+    assert prepare_main(["--builtin", "--builtin_stories", "300", "--tokenizer", "bpe:600", "--out", str(other),
+                         "--num_proc", "1"]) == 0
+    capsys.readouterr()
+    assert train_main(["--data", str(other), "--out", str(tmp_path / "t2"), "--init_from", str(base),
+                       "--total_iters", "2", "--device", "cpu"]) == 2
+    assert "its tokenizer" in capsys.readouterr().err and not (tmp_path / "t2" / "checkpoints").exists()
