@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import itertools
+import os
 import sys
 import time
 import weakref
@@ -40,9 +41,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from storyllama.config import OneLineErrorParser, SampleConfig, add_dataclass_args, given
+from storyllama.devices import resolve_device, resolve_dtype
 from storyllama.model import Llama
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CHECK_DONE_EVERY = 8  # decoding steps between host reads of the `done` mask (when not streaming)
 
 
@@ -472,12 +473,6 @@ def build_parser(prog: str = "sample") -> argparse.ArgumentParser:
     return p
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def load_for_sampling(path: str, device: torch.device, dtype: torch.dtype):
     """(model in eval mode with weights in `dtype`, tiktoken encoding, checkpoint dir)."""
     from data_prep.tokenizer import load_encoding
@@ -497,10 +492,9 @@ def main(argv: list[str] | None = None, prog: str = "sample") -> int:
     ns = build_parser(prog).parse_args(argv)
     try:
         cfg = SampleConfig(**given(ns, SampleConfig))
-        if cfg.dtype not in DTYPES:
-            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+        dtype = resolve_dtype(cfg.dtype)
         device = resolve_device(cfg.device)
-        model, enc, ckpt = load_for_sampling(ns.run or ns.checkpoint, device, DTYPES[cfg.dtype])
+        model, enc, ckpt = load_for_sampling(ns.run or ns.checkpoint, device, dtype)
         eot_id = enc.eot_token
         # An empty prompt starts a story from scratch: training data separates stories with EOT.
         prompts = [enc.encode(text, allowed_special="all") or [eot_id] for text in cfg.prompt]
@@ -509,8 +503,25 @@ def main(argv: list[str] | None = None, prog: str = "sample") -> int:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
 
-    rows = [p for p in prompts for _ in range(cfg.num_samples)]
     stats: dict = {}
+    try:
+        _write_stories(model, enc, prompts, cfg, stats)
+    except BrokenPipeError:
+        # The reader went away (`bin/sample ... | head -1`): stop quietly. Point stdout at devnull so the
+        # interpreter's final flush does not raise again (the Python docs' recipe for SIGPIPE).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    n = stats["new_tokens"] * stats["batch"]
+    print(f"[{ckpt}] prefill {stats['prompt_tokens']} x {stats['batch']} tokens in {stats['prefill_s']:.3f} s; "
+          f"decode {n} tokens in {stats['decode_s']:.2f} s ({n / max(stats['decode_s'], 1e-9):.1f} tokens/s"
+          + (", including compiling the decode step)" if cfg.compile else ")"), file=sys.stderr)
+    return 0
+
+
+def _write_stories(model: Llama, enc, prompts: list[list[int]], cfg: SampleConfig, stats: dict) -> None:
+    """Generate and print: one story streams as it is written; several print one after another."""
+    eot_id = enc.eot_token
+    rows = [p for p in prompts for _ in range(cfg.num_samples)]
     if len(rows) == 1:
         # One story: stream it as it is written.
         sys.stdout.write(cfg.prompt[0])
@@ -535,11 +546,6 @@ def main(argv: list[str] | None = None, prog: str = "sample") -> int:
             print(f"--- prompt {prompt_no + 1}, sample {sample_no + 1} ---")
             print(cfg.prompt[prompt_no] + enc.decode(ids))
     sys.stdout.flush()
-    n = stats["new_tokens"] * stats["batch"]
-    print(f"[{ckpt}] prefill {stats['prompt_tokens']} x {stats['batch']} tokens in {stats['prefill_s']:.3f} s; "
-          f"decode {n} tokens in {stats['decode_s']:.2f} s ({n / max(stats['decode_s'], 1e-9):.1f} tokens/s"
-          + (", including compiling the decode step)" if cfg.compile else ")"), file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":

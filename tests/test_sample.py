@@ -279,3 +279,72 @@ def test_sample_errors_are_one_line_exit_2(saved, tmp_path, capsys, args, messag
     err = capsys.readouterr().err
     assert rc == 2
     assert message in err and err.count("\n") == 1 and err.startswith("bin/sample: error:"), err
+
+
+# -- bad input to the real tool: one line on stderr, no traceback (issue 15) -------------------------------
+def run_bin_sample(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "bin" / "sample"), *args], capture_output=True, text=True,
+                          timeout=120, **kw)
+
+
+@pytest.mark.parametrize("flag", ["--temperature", "--top_p", "--repetition_penalty"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_sampling_knob_is_an_error_naming_the_flag(flag, value):
+    with pytest.raises(ValueError, match=f"{flag} must be a finite number"):
+        SampleConfig(**{flag[2:]: float(value)})
+
+
+def test_bin_sample_nan_temperature_is_one_line_exit_2(saved):
+    res = run_bin_sample("--run", str(saved[0]), "--temperature", "nan")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.count("\n") == 1 and "--temperature must be a finite number" in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("device, message", [
+    pytest.param("cuda", "no usable CUDA GPU", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA")),
+    ("tpu", "--device"),
+    ("cuda:x", "is not a device name"),
+])
+def test_bin_sample_bad_device_is_one_line_exit_2(saved, device, message):
+    res = run_bin_sample("--run", str(saved[0]), "--device", device, "--max_length", "5")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.count("\n") == 1 and message in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("prompts", [["Once upon a time"], ["Once", "A cat"]])
+def test_bin_sample_into_a_closed_pipe_ends_quietly(saved, prompts):
+    """`bin/sample ... | head -1` where head has gone: the reader's end is closed before the first write."""
+    import os
+
+    r, w = os.pipe()
+    os.close(r)  # nobody reads: the first write to stdout fails with EPIPE
+    try:
+        res = subprocess.run([sys.executable, str(REPO / "bin" / "sample"), "--run", str(saved[0]), "--prompt",
+                              *prompts, "--max_length", "20", "--seed", "1"], stdout=w, stderr=subprocess.PIPE,
+                             text=True, timeout=120)
+    finally:
+        os.close(w)
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr and "BrokenPipeError" not in res.stderr, res.stderr
+
+
+def test_bin_sample_piped_into_head_prints_one_line(saved):
+    res = subprocess.run(f"'{sys.executable}' '{REPO / 'bin' / 'sample'}' --run '{saved[0]}' --prompt a b c "
+                         "--num_samples 4 --max_length 40 --seed 1 | head -1", shell=True, capture_output=True,
+                         text=True, timeout=120)
+    assert res.stdout.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr
+
+
+@pytest.mark.xfail(reason="needs checkpoint.load_weights to raise CheckpointError on a shape mismatch (the lead's "
+                          "change in checkpoint.py); bin/sample already turns CheckpointError into one line",
+                   strict=False)
+def test_bin_sample_config_not_matching_weights_is_one_line_exit_2(tmp_path):
+    import json
+
+    _, ckpt = save_checkpoint(tmp_path, tiny_model())
+    cfg_file = ckpt / "model_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg_file.write_text(json.dumps({**cfg, "dim": 2 * cfg["dim"]}))
+    res = run_bin_sample("--checkpoint", str(ckpt), "--max_length", "5")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.count("\n") == 1 and res.stderr.startswith("bin/sample: error:"), res.stderr
