@@ -19,7 +19,7 @@ token.
 Public API:
     generate(model, prompt_ids, cfg, eot_id, vocab_limit, on_token=None, stats=None) -> list[list[int]]
     generate_recompute(model, prompt_ids, cfg, eot_id, vocab_limit) -> list[list[int]]
-    prepare_for_decoding(model) -> model      (weight layout for fast decoding; bin/sample applies it)
+    prepare_for_decoding(model) -> model      (storyllama.cpu_decode: oneDNN-packed weights; bin/sample applies it)
     prefill, decode_one_token, sample_one_no_sync, apply_repetition_penalty
     main(argv) -> exit code      (bin/sample)
 """
@@ -28,19 +28,16 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import itertools
 import os
 import sys
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 from storyllama.config import OneLineErrorParser, SampleConfig, add_dataclass_args, given
+from storyllama.cpu_decode import lm_head_logits, prepare_for_decoding
 from storyllama.devices import resolve_device, resolve_dtype
 from storyllama.model import Llama
 
@@ -66,15 +63,6 @@ class SamplingParams:
 
 
 # -- the model side: prefill and one decoding step ----------------------------------------------------
-def _lm_head(model: Llama, h: torch.Tensor, vocab_limit: int) -> torch.Tensor:
-    """Logits (B, vocab_limit) in fp32 of the last hidden state h (B, dim). Rows of the LM head past the
-    tokenizer's vocabulary (padding to a multiple of 64) are never sampled: cut off before sampling."""
-    key = getattr(model, "_decode_head_key", None)  # set by prepare_for_decoding
-    if key is None or (h.shape[0] == 1 and not model._decode_head_one_row):
-        return F.linear(h, model.lm_head_weight[:vocab_limit]).float()  # (B, vocab_limit)
-    return decode_linear(h, model.lm_head_weight, key).float()[:, :vocab_limit]  # (B, V) -> (B, vocab_limit)
-
-
 def _cache_len(model: Llama) -> int:
     cache = model.layers[0].attention.cache
     if cache is None:
@@ -98,7 +86,7 @@ def prefill(model: Llama, idx: torch.Tensor, pad: torch.Tensor, vocab_limit: int
     mask = (slots[None] <= t) & (real | (slots[None] == t))  # (B, P, S)
     positions = (slots[None, :P] - pad).clamp(min=0)  # (B, P): RoPE position of each slot
     h = model.hidden_states(idx, positions=positions, cache_pos=slots[:P], attn_mask=mask[:, None])
-    return _lm_head(model, h[:, -1], vocab_limit)
+    return lm_head_logits(model, h[:, -1], vocab_limit)
 
 
 def decode_one_token(model: Llama, tok: torch.Tensor, cache_pos: torch.Tensor, pad: torch.Tensor,
@@ -113,7 +101,7 @@ def decode_one_token(model: Llama, tok: torch.Tensor, cache_pos: torch.Tensor, p
     mask = (slots >= pad) & (slots <= cache_pos)  # (B, S)
     positions = cache_pos[None] - pad  # (B, 1)
     h = model.hidden_states(tok, positions=positions, cache_pos=cache_pos, attn_mask=mask[:, None, None, :])
-    return _lm_head(model, h[:, -1], vocab_limit)
+    return lm_head_logits(model, h[:, -1], vocab_limit)
 
 
 # -- the sampling side ---------------------------------------------------------------------------------
@@ -185,97 +173,6 @@ def _compiled_decode_step(device: torch.device) -> Callable:
         else:
             _compiled_steps[mode] = torch.compile(_decode_step, mode=mode, dynamic=False, fullgraph=True)
     return _compiled_steps[mode]
-
-
-# -- prepacked weights for decoding on CPU -------------------------------------------------------------
-# Decoding multiplies a few rows (the batch) by every weight matrix, so it runs at the speed the matmul
-# streams weights. On this project's CPU (AMD Zen 5, 1 thread) PyTorch's default fp32 path (MKL) streams
-# a 512 x 50,304 head at ~17 GB/s for 1 row and ~10 GB/s for 8 rows; oneDNN with the weight reordered
-# once into its blocked layout streams it at ~47 and ~28 GB/s (bf16: ~18 -> ~48 and ~15 -> ~28 GB/s).
-_PACK_ROWS_HINT = 64  # the row count oneDNN blocks for; measured as fast for 1-16 rows as a hint of 1 or 8
-PACK_MIN_BYTES = 512 << 10  # smaller matrices sit in cache, where the packed path's per-call cost outweighs its gain
-# A model whose weights fit in the last-level cache (32 MB here) reads them from cache at 1 row per step
-# as fast through PyTorch's gemv: the packed path then pays off only for several rows (measured: small
-# shape, batch 1: 1,750-1,800 tok/s plain vs 1,340 packed; batch 8: 3,500 plain vs 4,550 packed).
-PACK_ONE_ROW_MIN_MODEL_BYTES = 32 << 20
-_packed: dict[int, tuple[tuple, torch.Tensor]] = {}  # key -> (weight signature, packed weight)
-_pack_keys = itertools.count()
-
-
-def _packed_weight(weight: torch.Tensor, key: int) -> torch.Tensor:
-    """The oneDNN-packed copy of weight (out, in), repacked if the weight changed since (data or version)."""
-    sig = (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape))
-    hit = _packed.get(key)
-    if hit is None or hit[0] != sig:
-        hit = (sig, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_ROWS_HINT))
-        _packed[key] = hit
-    return hit[1]
-
-
-def _decode_linear_eager(x: torch.Tensor, weight: torch.Tensor, key: int) -> torch.Tensor:
-    if x.device.type != "cpu" or x.dtype != weight.dtype or x.dtype not in (torch.float32, torch.bfloat16):
-        return F.linear(x, weight)
-    return torch.ops.mkldnn._linear_pointwise(x, _packed_weight(weight, key), None, "none", [], "")
-
-
-@torch.library.custom_op("storyllama::decode_linear", mutates_args=())
-def _decode_linear_op(x: torch.Tensor, weight: torch.Tensor, key: int) -> torch.Tensor:
-    """x @ weight.T through the packed copy of weight: an opaque op to torch.compile, which cannot trace
-    oneDNN's packed tensors; weight is an input so the graph reads the live parameter."""
-    return _decode_linear_eager(x, weight, key)
-
-
-@_decode_linear_op.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, key: int) -> torch.Tensor:
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
-def decode_linear(x: torch.Tensor, weight: torch.Tensor, key: int) -> torch.Tensor:
-    """x (..., in) @ weight (out, in).T with the packed weight registered under key; no gradient."""
-    if torch.compiler.is_compiling():
-        return _decode_linear_op(x, weight, key)
-    return _decode_linear_eager(x, weight, key)
-
-
-class _DecodeLinear(nn.Linear):
-    """An nn.Linear (no bias) of a model prepared by prepare_for_decoding: without gradients, the matmul
-    goes through the oneDNN-packed weight. Same parameters and state dict as the nn.Linear it was."""
-
-    _pack_key: int
-    _pack_one_row: bool  # also take the packed path for a single row (weights streamed from memory)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() or self.bias is not None or (x.numel() == x.shape[-1] and not self._pack_one_row):
-            return F.linear(x, self.weight, self.bias)
-        return decode_linear(x, self.weight, self._pack_key)
-
-
-def _register_pack(owner: object) -> int:
-    key = next(_pack_keys)
-    weakref.finalize(owner, _packed.pop, key, None)  # the packed copy goes with its module or model
-    return key
-
-
-def prepare_for_decoding(model: Llama, min_bytes: int = PACK_MIN_BYTES) -> Llama:
-    """Route the model's matmuls through oneDNN-packed copies of the weights when decoding on CPU, in place.
-
-    For inference (bin/sample applies it): the parameters and state dict are unchanged, the packed
-    copies (one more copy of the weights in memory) are made on first use and redone if a weight
-    changes; with gradients enabled the model computes exactly as before. No-op on CUDA, without
-    oneDNN, or for dtypes other than float32 and bfloat16.
-    """
-    w = model.lm_head_weight
-    if (w.device.type != "cpu" or not torch.backends.mkldnn.is_available()
-            or w.dtype not in (torch.float32, torch.bfloat16)):
-        return model
-    one_row = sum(p.nbytes for p in model.parameters()) >= PACK_ONE_ROW_MIN_MODEL_BYTES
-    for module in model.layers.modules():
-        if type(module) is nn.Linear and module.bias is None and module.weight.nbytes >= min_bytes:
-            module.__class__ = _DecodeLinear
-            module._pack_key, module._pack_one_row = _register_pack(module), one_row
-    if getattr(model, "_decode_head_key", None) is None and w.nbytes >= min_bytes:
-        model._decode_head_key, model._decode_head_one_row = _register_pack(model), one_row
-    return model
 
 
 # -- the loop --------------------------------------------------------------------------------------------
@@ -425,7 +322,7 @@ def generate_recompute(model: Llama, prompt_ids: list[list[int]], cfg: SampleCon
     t1 = t0
     for i in range(n_new):
         h = model.hidden_states(seq)  # (B, T, dim)
-        nxt = sample_one_no_sync(_lm_head(model, h[:, -1], vocab_limit), params, presence,
+        nxt = sample_one_no_sync(lm_head_logits(model, h[:, -1], vocab_limit), params, presence,
                                  _noise(params, (B, vocab_limit), gen, device))
         nxt = torch.where(done, eot, nxt)
         done = done | (nxt == eot)

@@ -171,7 +171,7 @@ def test_compiled_decode_step_gives_the_eager_tokens_and_follows_weight_updates(
 
 @pytest.mark.parametrize("compile", [False, True])
 def test_prepared_model_samples_the_same_and_trains_the_same(compile):
-    from storyllama.sample import _DecodeLinear, prepare_for_decoding
+    from storyllama.cpu_decode import PackedLinear, prepare_for_decoding
 
     model = tiny_model()
     cfg = replace(GREEDY, compile=compile)
@@ -179,8 +179,8 @@ def test_prepared_model_samples_the_same_and_trains_the_same(compile):
     idx = torch.tensor([PROMPTS[2]])
     loss = model(idx[:, :-1], idx[:, 1:])
     prepare_for_decoding(model, min_bytes=0)  # pack every matrix of the tiny model
-    assert sum(isinstance(m, _DecodeLinear) for m in model.modules()) == 14  # 7 per layer, and the head:
-    assert model._decode_head_key is not None
+    assert sum(isinstance(m, PackedLinear) for m in model.modules()) == 14  # 7 per layer, and the head:
+    assert model._packed_head is not None
     assert generate(model, PROMPTS, cfg, None, N_VOCAB) == before  # oneDNN's sums differ only in rounding
     assert model.state_dict().keys() == state.keys()
     torch.testing.assert_close(model(idx[:, :-1], idx[:, 1:]), loss)  # with gradients: plain F.linear
@@ -348,3 +348,34 @@ def test_bin_sample_config_not_matching_weights_is_one_line_exit_2(tmp_path):
     res = run_bin_sample("--checkpoint", str(ckpt), "--max_length", "5")
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.count("\n") == 1 and res.stderr.startswith("bin/sample: error:"), res.stderr
+
+
+def test_prepared_model_wraps_linears_explicitly():
+    """prepare_for_decoding swaps no __class__: each packed Linear sits inside a PackedLinear that holds it
+    and shares its weight Parameter."""
+    from storyllama.cpu_decode import PackedLinear, packing_supported, prepare_for_decoding
+
+    if not packing_supported(torch.float32):
+        pytest.skip("oneDNN cannot pack fp32 weights here")
+    model = tiny_model()
+    linear = model.layers[0].attention.wq
+    params = dict(model.named_parameters())
+    prepare_for_decoding(model, min_bytes=0)
+    wrapper = model.layers[0].attention.wq
+    assert type(wrapper) is PackedLinear and type(linear) is torch.nn.Linear
+    assert wrapper.unwrap() is linear and wrapper.weight is linear.weight
+    assert dict(model.named_parameters()) == params  # same names, same Parameter objects
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepared_model_samples_like_the_plain_one_in_each_dtype(dtype):
+    """bf16 included: where this CPU's oneDNN cannot pack bf16 (no AVX512-BF16-era ISA) the model stays as
+    it is instead of failing at the first matmul."""
+    from storyllama.cpu_decode import prepare_for_decoding
+
+    plain, prepared = tiny_model(), tiny_model()
+    for m in (plain, prepared):
+        for p in m.parameters():
+            p.data = p.data.to(dtype)
+    prepare_for_decoding(prepared, min_bytes=0)
+    assert generate(prepared, PROMPTS, GREEDY, None, N_VOCAB) == generate(plain, PROMPTS, GREEDY, None, N_VOCAB)
