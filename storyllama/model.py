@@ -167,6 +167,7 @@ class Llama(nn.Module):
         cos, sin = rope_cos_sin(torch.arange(cfg.block_size)[None], cfg.head_dim, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self._kv_caches: dict[tuple, list[KVCache]] = {}  # (batch, max_len, dtype, device) -> one cache per layer
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -218,18 +219,39 @@ class Llama(nn.Module):
 
     # -- generation ------------------------------------------------------------------------------------
     def setup_caches(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> None:
-        """Allocate a KV cache of max_len slots per layer (max_len <= block_size: RoPE is built for that)."""
+        """Attach a KV cache of max_len slots per layer (max_len <= block_size: RoPE is built for that).
+
+        The caches are kept after clear_caches: the next call with the same (batch, max_len, dtype, device)
+        gets the same storage back, zeroed, so a compiled decode step (a CUDA graph recorded on the cache's
+        addresses) is replayed rather than recorded again. free_caches drops them.
+        """
         if max_len > self.cfg.block_size:
             raise ValueError(f"cache of {max_len} tokens exceeds the model's context ({self.cfg.block_size}); "
                              "shorten the prompt or --max_new_tokens")
         p = self.tok_embeddings.weight
-        for layer in self.layers:
-            layer.attention.cache = KVCache(batch, self.cfg.n_kv_heads, max_len, self.cfg.head_dim,
-                                            dtype or p.dtype, p.device)
+        key = (batch, max_len, dtype or p.dtype, p.device)
+        caches = self._kv_caches.get(key)
+        if caches is None:
+            caches = [KVCache(batch, self.cfg.n_kv_heads, max_len, self.cfg.head_dim, key[2], p.device)
+                      for _ in self.layers]
+            self._kv_caches[key] = caches
+        else:
+            # Masks never read a slot before it is written; zeroing keeps a NaN of an earlier run out of
+            # the masked scores (NaN + -inf is NaN) at the cost of one memset, in place.
+            for c in caches:
+                c.k.zero_()
+                c.v.zero_()
+        for layer, cache in zip(self.layers, caches):
+            layer.attention.cache = cache
 
     def clear_caches(self) -> None:
+        """Detach the caches (the model computes without them again); their storage is kept for reuse."""
         for layer in self.layers:
             layer.attention.cache = None
+
+    def free_caches(self) -> None:
+        self.clear_caches()
+        self._kv_caches.clear()
 
     # -- optimizer -----------------------------------------------------------------------------------
     def param_groups(self, weight_decay: float) -> list[dict]:

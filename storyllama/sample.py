@@ -3,14 +3,18 @@
 Several prompts of different lengths share one batch by left padding. With P the longest prompt and
 pad[i] = P - len(prompt i), cache slot s of row i holds the token at position s - pad[i]; slots
 below pad[i] hold padding that no real token attends to. The cache has P + max_new_tokens slots
-(checked against the model's context before anything runs).
+(checked against the model's context before anything runs) rounded up to a power of two from 64, capped
+at the context (`cache_slots`); the model keeps it between calls (Llama.setup_caches), so calls with the
+same batch size and bucket reuse the same storage.
 
 Per decoding step the work is one `decode_one_token` (the model on one token per row, logits over
 the tokenizer's vocabulary only) and `sample_one_no_sync` (repetition penalty, temperature, top-k,
 top-p, then the exponential race `argmax(p / E)`, E ~ Exp(1) drawn from a seeded torch.Generator
 outside the step). Nothing in the step reads a value back to the host; finished rows are tracked
 in a `done` mask on the device and checked every few steps (or every step when streaming). With
-`compile=True` the step is compiled once for the batch's static shapes (CUDA graphs on CUDA).
+`compile=True` the step is compiled once per (batch size, cache bucket, sampling settings), static
+shapes, and reused by later calls (CUDA graphs on CUDA, replayed on the same cache addresses). Dynamo
+keeps at most torch._dynamo.config.cache_size_limit (8) graphs of the step; past that it runs eagerly.
 
 `generate_recompute` is the slow reference without a cache (the whole sequence through the model for
 every token, as the seed project did); it draws the same random numbers, so the two agree token for
@@ -152,10 +156,24 @@ def _decode_step(model: Llama, tok: torch.Tensor, cache_pos: torch.Tensor, pad: 
 
 
 _compiled_steps: dict[str, Callable] = {}
+MIN_CACHE_SLOTS = 64  # the smallest cache bucket
+
+
+def cache_slots(needed: int, block_size: int) -> int:
+    """Cache length for `needed` slots: the next power of two from MIN_CACHE_SLOTS up, capped at block_size.
+
+    Prompts of every length then share a few cache shapes (64, 128, 256, 512 for the 512-token context),
+    so the compiled decode step has a few graphs per batch size, not one per prompt length; the unused
+    slots are masked out (at most as many again as used, read by attention only)."""
+    slots = MIN_CACHE_SLOTS
+    while slots < needed:
+        slots *= 2
+    return min(slots, block_size)
 
 
 def _compiled_decode_step(device: torch.device) -> Callable:
-    """torch.compile of _decode_step with static shapes (each batch and cache length is its own graph).
+    """torch.compile of _decode_step with static shapes: one graph per (batch, cache bucket, sampling
+    settings), reused across generate calls (the model keeps its caches, see Llama.setup_caches).
 
     CUDA: mode="reduce-overhead", the step replayed as a CUDA graph. CPU: inductor's default mode with its
     C++ wrapper, which fuses the elementwise work (norms, RoPE, masks, sampling) around the matmuls and
@@ -164,8 +182,6 @@ def _compiled_decode_step(device: torch.device) -> Callable:
     """
     mode = "reduce-overhead" if device.type == "cuda" else "default"
     if mode not in _compiled_steps:
-        # Batch sizes, cache lengths and sampling settings each compile a graph; allow more than dynamo's 8.
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         if mode == "default":
             # C++ wrapper code: less Python per step (measured ~1.1x at the small shape, batch 1).
             _compiled_steps[mode] = torch.compile(_decode_step, dynamic=False, fullgraph=True,
@@ -262,7 +278,7 @@ def generate(model: Llama, prompt_ids: list[list[int]], cfg: SampleConfig, eot_i
     # On CPU the cache (and attention) stay fp32 whatever the weights: CPU SDPA in bf16 is ~8x slower than
     # fp32 (measured at batch 8, 272 slots: 1.35 ms vs 0.16 ms per layer) and the cache is small.
     cache_dtype = torch.float32 if device.type == "cpu" else model.lm_head_weight.dtype
-    model.setup_caches(B, P + n_new, dtype=cache_dtype)
+    model.setup_caches(B, cache_slots(P + n_new, model.cfg.block_size), dtype=cache_dtype)
     try:
         t0 = time.perf_counter()
         logits = prefill(model, idx, pad, vocab_limit)
@@ -371,11 +387,13 @@ def build_parser(prog: str = "sample") -> argparse.ArgumentParser:
 
 
 def load_for_sampling(path: str, device: torch.device, dtype: torch.dtype):
-    """(model in eval mode with weights in `dtype`, tiktoken encoding, checkpoint dir)."""
+    """(model in eval mode with weights in `dtype`, tiktoken encoding, checkpoint dir). The model's ops are
+    the Triton kernels on CUDA and the reference ops elsewhere (kernels.resolve_backend("auto"))."""
     from data_prep.tokenizer import load_encoding
+    from kernels import resolve_backend
     from storyllama.checkpoint import load_model
 
-    model, ckpt = load_model(path, device=device)
+    model, ckpt = load_model(path, device=device, kernels=resolve_backend("auto", device))
     # Cast the weights only: the RoPE tables stay fp32 (model.to(dtype) would round them).
     for p in model.parameters():
         p.data = p.data.to(dtype)
@@ -391,6 +409,9 @@ def main(argv: list[str] | None = None, prog: str = "sample") -> int:
         cfg = SampleConfig(**given(ns, SampleConfig))
         dtype = resolve_dtype(cfg.dtype)
         device = resolve_device(cfg.device)
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 weights: TF32 tensor cores for the matmuls
+            torch.backends.cudnn.allow_tf32 = True
         model, enc, ckpt = load_for_sampling(ns.run or ns.checkpoint, device, dtype)
         eot_id = enc.eot_token
         # An empty prompt starts a story from scratch: training data separates stories with EOT.

@@ -379,3 +379,31 @@ def test_prepared_model_samples_like_the_plain_one_in_each_dtype(dtype):
             p.data = p.data.to(dtype)
     prepare_for_decoding(prepared, min_bytes=0)
     assert generate(prepared, PROMPTS, GREEDY, None, N_VOCAB) == generate(plain, PROMPTS, GREEDY, None, N_VOCAB)
+
+
+def test_cache_buckets():
+    from storyllama.sample import cache_slots
+
+    assert [cache_slots(n, 512) for n in (1, 64, 65, 200, 272, 512)] == [64, 64, 128, 256, 512, 512]
+    assert cache_slots(100, 96) == 96  # capped at the context
+
+
+def test_compiled_sampling_reuses_one_graph_and_one_cache_across_prompt_lengths():
+    """Ten prompts of ten lengths, compile=True: the cache storage is the same on every call and the decode
+    step compiles once (before: a fresh cache sized to each prompt, so a new graph per length)."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_model()
+    cfg = SampleConfig(max_new_tokens=6, temperature=0.0, compile=True)
+    torch._dynamo.reset()
+    counters.clear()
+    ptrs: set[int] = set()
+    for n in range(1, 11):
+        prompt = list(range(3, 3 + 2 * n, 2))
+        out = generate(model, [prompt], cfg, None, N_VOCAB,
+                       on_token=lambda ids: ptrs.add(model.layers[0].attention.cache.k.data_ptr()))
+        if n in (1, 10):
+            assert out[0] == greedy_by_recompute(model, prompt, cfg.max_new_tokens)
+    assert len(ptrs) == 1
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+    assert all(layer.attention.cache is None for layer in model.layers)  # detached: training is unaffected
