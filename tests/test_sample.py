@@ -407,3 +407,28 @@ def test_compiled_sampling_reuses_one_graph_and_one_cache_across_prompt_lengths(
     assert len(ptrs) == 1
     assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
     assert all(layer.attention.cache is None for layer in model.layers)  # detached: training is unaffected
+
+
+def test_load_for_sampling_takes_triton_ops_on_cuda_and_reference_ops_on_cpu(saved, monkeypatch):
+    """bin/sample's model uses kernels.resolve_backend("auto", device): Triton on CUDA (recorded here by
+    standing in for load_model, so no GPU is needed), the reference ops on CPU."""
+    from kernels._triton_utils import HAS_TRITON
+    from storyllama import checkpoint
+    from storyllama.sample import load_for_sampling
+
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed: auto resolves to the reference ops everywhere")
+    asked: dict[str, str] = {}
+    real = checkpoint.load_model
+
+    def recording_load_model(path, device="cpu", dtype=None, kernels="reference"):
+        asked[torch.device(device).type] = kernels
+        return real(path, device="cpu", kernels="reference")
+
+    monkeypatch.setattr(checkpoint, "load_model", recording_load_model)
+    for device in ("cpu", "cuda"):
+        load_for_sampling(str(saved[1]), torch.device(device), torch.float32)
+    assert asked == {"cpu": "reference", "cuda": "triton"}
+    monkeypatch.undo()
+    model, _, _ = load_for_sampling(str(saved[1]), torch.device("cpu"), torch.float32)
+    assert model.ops.backend == "reference" and all(layer.attention.ops is model.ops for layer in model.layers)
