@@ -127,12 +127,22 @@ def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     writes its fp32 accumulator out as fp32 (out_dtype), no bf16 rounding; elsewhere (CPU bf16: tests
     only, the CPU trainer runs fp32) the chunk is upcast and multiplied in fp32.
     """
+    global _mm_out_dtype_ok
     if a.dtype == torch.float32:
         acc.addmm_(a, b)  # no temporary
-    elif a.is_cuda:
-        acc.add_(torch.mm(a, b, out_dtype=torch.float32))
-    else:
-        acc.addmm_(a.float(), b.float())
+        return
+    if a.is_cuda and _mm_out_dtype_ok:
+        try:
+            acc.add_(torch.mm(a, b, out_dtype=torch.float32))
+            return
+        except torch.OutOfMemoryError:
+            raise
+        except (TypeError, NotImplementedError, RuntimeError):  # a torch without mm(out_dtype=) for this dtype
+            _mm_out_dtype_ok = False
+    acc.addmm_(a.float(), b.float())
+
+
+_mm_out_dtype_ok = True
 
 
 def default_chunk_rows(C: int) -> int:
