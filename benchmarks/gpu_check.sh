@@ -1,35 +1,26 @@
 #!/usr/bin/env bash
-# The kernels' GPU check, one command, installs nothing (needs python with a CUDA torch, triton, pytest):
-#   1. the kernel tests on CUDA: the GPU-marked ones by default, or the whole file with GPU_TESTS=all
-#      (every interpreter test then runs on the GPU: many Triton compiles, a few minutes);
-#   2. per kernel, forward + backward ms and GB/s for eager PyTorch, torch.compile of the reference and
-#      Triton (bf16, storyllama-88m shapes at 16 x 512 tokens), the fused linear + cross-entropy's
-#      TFLOP/s and peak memory, and storyllama-88m training tokens/s and MFU (bf16 autocast, compile)
-#      with the kernels off (reference ops, unfused loss) and on (Triton ops, fused loss).
-# Env: PYTHON=... to choose the interpreter; STORYLLAMA_PEAK_TFLOPS=... when the GPU is not in the
-# spec table of benchmarks/test_bench_kernels.py (MFU is against the dense bf16 spec peak).
+# The GPU check, one command, one table; installs nothing (needs python with a CUDA torch, triton, pytest).
+#   benchmarks/gpu_check.sh             on one GPU, under 8 minutes on an H200 (most of it torch.compile)
+#   benchmarks/gpu_check.sh --dry-run   every stage on tiny shapes, on CPU too (tests/test_gpu_check.py runs it)
+# Stages (benchmarks/gpu_check.py says more): the kernel tests on CUDA (GPU_TESTS=all: the whole file);
+# per-kernel ms and GB/s against eager and torch.compile of the reference; training tokens/s and MFU for
+# `small` and `storyllama-88m`, kernels off/on x compile off/on; sampler tokens/s at batch 1 and 8, the
+# compiled (CUDA-graph) step against the eager step and the bandwidth ceiling; the NCCL world-size-1 DDP
+# overhead. Env: PYTHON=... to choose the interpreter; STORYLLAMA_PEAK_TFLOPS=... when the GPU is not in
+# storyllama.train's peak table (MFU is against the dense bf16 peak).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+
+dry=0
+for a in "$@"; do [ "$a" = --dry-run ] && dry=1; done
+want_cuda="import sys, torch; sys.exit(not torch.cuda.is_available())"
+[ "$dry" = 1 ] && want_cuda="import torch"
 
 PY=${PYTHON:-}
 if [ -z "$PY" ]; then
   for c in .venv/bin/python python3 python; do
-    if command -v "$c" >/dev/null 2>&1 && "$c" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null
-    then PY=$c; break; fi
+    if command -v "$c" >/dev/null 2>&1 && "$c" -c "$want_cuda" 2>/dev/null; then PY=$c; break; fi
   done
 fi
 [ -n "$PY" ] || { echo "gpu_check: no python with a CUDA build of torch found (set PYTHON=...)" >&2; exit 1; }
-"$PY" -c "import torch, triton; print(torch.cuda.get_device_name(), '| torch', torch.__version__, '| triton', triton.__version__)"
-
-echo "== kernel tests on CUDA"
-if [ "${GPU_TESTS:-gpu}" = all ]; then
-  "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py; tests=$?
-else
-  "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py; tests=$?
-fi
-
-echo "== kernel speed and storyllama-88m training"
-"$PY" benchmarks/test_bench_kernels.py gpu; bench=$?
-
-echo "== gpu_check: tests exit $tests, benchmarks exit $bench"
-[ "$tests" -eq 0 ] && [ "$bench" -eq 0 ]
+exec "$PY" benchmarks/gpu_check.py "$@"

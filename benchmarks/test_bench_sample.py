@@ -35,8 +35,9 @@ import pytest
 import torch
 
 from storyllama.config import SampleConfig, preset
+from storyllama.cpu_decode import prepare_for_decoding
 from storyllama.model import Llama
-from storyllama.sample import generate, generate_recompute, prepare_for_decoding
+from storyllama.sample import generate, generate_recompute
 
 transformers = pytest.importorskip("transformers", reason="the comparison with HF generate needs transformers")
 

@@ -119,6 +119,32 @@ def ce_loss_grad_torch_(
 # ---- the chunk loop shared by both ops ----
 
 
+def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (M, K) fp32 += a (M, n) @ b (n, K), the product never rounded to a and b's dtype.
+
+    Under bf16 autocast, rounding each chunk's (V, C) product to bf16 before adding it would put a
+    bf16 rounding error (2^-9 relative) of every chunk's partial sum into grad_w. CUDA: the bf16 matmul
+    writes its fp32 accumulator out as fp32 (out_dtype), no bf16 rounding; elsewhere (CPU bf16: tests
+    only, the CPU trainer runs fp32) the chunk is upcast and multiplied in fp32.
+    """
+    global _mm_out_dtype_ok
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)  # no temporary
+        return
+    if a.is_cuda and _mm_out_dtype_ok:
+        try:
+            acc.add_(torch.mm(a, b, out_dtype=torch.float32))
+            return
+        except torch.OutOfMemoryError:
+            raise
+        except (TypeError, NotImplementedError, RuntimeError):  # a torch without mm(out_dtype=) for this dtype
+            _mm_out_dtype_ok = False
+    acc.addmm_(a.float(), b.float())
+
+
+_mm_out_dtype_ok = True
+
+
 def default_chunk_rows(C: int) -> int:
     """Rows per chunk: C rounded up to a multiple of 64, so a chunk's (rows, V) logits hold about as many
     elements as the (V, C) weight (peak extra memory ~ one weight), and the matmuls keep 64-row tiles."""
@@ -158,10 +184,7 @@ def _chunked_loss_and_grads(
         if compute_grad:
             dlogits = logits  # (n, V), overwritten in place by the step
             torch.mm(dlogits, w, out=grad_x[start : start + rows])  # (n, C)
-            if dlogits.dtype == torch.float32:
-                grad_w.addmm_(dlogits.T, x_c)  # (V, C), no temporary
-            else:
-                grad_w.add_(dlogits.T @ x_c)  # low-precision (V, C) product, summed into fp32
+            _addmm_fp32_(grad_w, dlogits.T, x_c)  # (V, C)
             del dlogits
         del logits  # free this chunk before the next one is allocated
     if reduction == "mean":

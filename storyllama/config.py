@@ -199,6 +199,10 @@ class SampleConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):  # NaN passes every < / <= check below
+                raise ValueError(f"--{name} must be a finite number, got {value}")
         if self.temperature < 0:
             raise ValueError(f"--temperature must be >= 0 (0 is greedy), got {self.temperature}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:

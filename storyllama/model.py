@@ -52,6 +52,46 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
+def _cuda_rules(q: torch.Tensor) -> bool:
+    """Whether CUDA's SDPA kernel constraints apply to q (a function, so tests can apply them on CPU)."""
+    return q.is_cuda
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+           dropout: float) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D) + mask) v with grouped-query heads, called so that a fused SDPA kernel serves it.
+
+    q (B, H, T, D); k, v (B, Hkv, S, D), each kv head shared by H / Hkv consecutive query heads.
+    attn_mask (B or 1, 1, T, S) bool, True = attend; None = causal (training, T == S). -> (B, H, T, D).
+
+    Which kernel takes `F.scaled_dot_product_attention` on CUDA (torch's sdp_utils checks): flash accepts
+    enable_gqa but neither a mask nor fp32; memory-efficient accepts a mask and fp32 but not enable_gqa;
+    anything else falls to the math kernel, which materialises the (T, S) scores. So on CUDA:
+    - no mask, half precision: enable_gqa (flash);
+    - no mask, fp32: k and v expanded to H heads (repeat_interleave) for the memory-efficient kernel;
+    - a mask (prefill and decode against the KV cache): the H / Hkv query heads of each group are folded
+      into the query-length axis, q (B, Hkv, rep * T, D) against the cache's own k, v (B, Hkv, S, D), the
+      mask repeated per head: the same dot products, no copy of the cache, no enable_gqa (memory-efficient).
+    On CPU the flash kernel takes enable_gqa with or without a mask, in fp32 and bf16 (not with dropout:
+    nothing fused does there), and is faster so than folded (one decode token, 88m shapes, 1 thread:
+    52 us vs 125 us per call): enable_gqa throughout.
+    """
+    B, H, T, D = q.shape
+    rep = H // k.shape[1]
+    causal = attn_mask is None
+    if rep == 1 or not _cuda_rules(q) or (causal and q.dtype != torch.float32):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, dropout_p=dropout,
+                                              enable_gqa=rep > 1)
+    if causal:  # fp32 on CUDA
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, S, D)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+    Hkv, S = k.shape[1], k.shape[2]
+    qf = q.reshape(B, Hkv, rep * T, D)  # (B, Hkv, rep * T, D): head g * rep + r, query t -> group g, row r * T + t
+    mask = attn_mask.expand(attn_mask.shape[0], 1, T, S).repeat(1, 1, rep, 1)  # (B or 1, 1, rep * T, S)
+    y = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, dropout_p=dropout)  # (B, Hkv, rep * T, D)
+    return y.reshape(B, H, T, D)  # a view when y is contiguous
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, ops: KernelOps):
         super().__init__()
@@ -74,13 +114,12 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or Hkv, T, D)
         dropout = self.dropout if self.training else 0.0
         if self.cache is None:
-            # Flash attention on CUDA; the kv heads are shared by n_heads / n_kv_heads query heads each.
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=True)
+            y = attend(q, k, v, None, dropout)
         else:
             k, v = self.cache.update(cache_pos, k, v)  # (B, Hkv, S, D)
             # The cache may be wider than the weights (fp32 beside bf16 weights on CPU, where bf16 SDPA is
             # ~8x slower); attention runs in the cache's dtype. A no-op when the dtypes agree.
-            y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=attn_mask, enable_gqa=True).to(q.dtype)
+            y = attend(q.to(k.dtype), k, v, attn_mask, 0.0).to(q.dtype)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H * D)
         return F.dropout(self.wo(y), dropout, self.training)
 
@@ -128,6 +167,7 @@ class Llama(nn.Module):
         cos, sin = rope_cos_sin(torch.arange(cfg.block_size)[None], cfg.head_dim, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self._kv_caches: dict[tuple, list[KVCache]] = {}  # (batch, max_len, dtype, device) -> one cache per layer
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -179,18 +219,39 @@ class Llama(nn.Module):
 
     # -- generation ------------------------------------------------------------------------------------
     def setup_caches(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> None:
-        """Allocate a KV cache of max_len slots per layer (max_len <= block_size: RoPE is built for that)."""
+        """Attach a KV cache of max_len slots per layer (max_len <= block_size: RoPE is built for that).
+
+        The caches are kept after clear_caches: the next call with the same (batch, max_len, dtype, device)
+        gets the same storage back, zeroed, so a compiled decode step (a CUDA graph recorded on the cache's
+        addresses) is replayed rather than recorded again. free_caches drops them.
+        """
         if max_len > self.cfg.block_size:
             raise ValueError(f"cache of {max_len} tokens exceeds the model's context ({self.cfg.block_size}); "
                              "shorten the prompt or --max_new_tokens")
         p = self.tok_embeddings.weight
-        for layer in self.layers:
-            layer.attention.cache = KVCache(batch, self.cfg.n_kv_heads, max_len, self.cfg.head_dim,
-                                            dtype or p.dtype, p.device)
+        key = (batch, max_len, dtype or p.dtype, p.device)
+        caches = self._kv_caches.get(key)
+        if caches is None:
+            caches = [KVCache(batch, self.cfg.n_kv_heads, max_len, self.cfg.head_dim, key[2], p.device)
+                      for _ in self.layers]
+            self._kv_caches[key] = caches
+        else:
+            # Masks never read a slot before it is written; zeroing keeps a NaN of an earlier run out of
+            # the masked scores (NaN + -inf is NaN) at the cost of one memset, in place.
+            for c in caches:
+                c.k.zero_()
+                c.v.zero_()
+        for layer, cache in zip(self.layers, caches):
+            layer.attention.cache = cache
 
     def clear_caches(self) -> None:
+        """Detach the caches (the model computes without them again); their storage is kept for reuse."""
         for layer in self.layers:
             layer.attention.cache = None
+
+    def free_caches(self) -> None:
+        self.clear_caches()
+        self._kv_caches.clear()
 
     # -- optimizer -----------------------------------------------------------------------------------
     def param_groups(self, weight_decay: float) -> list[dict]:

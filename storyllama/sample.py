@@ -3,14 +3,18 @@
 Several prompts of different lengths share one batch by left padding. With P the longest prompt and
 pad[i] = P - len(prompt i), cache slot s of row i holds the token at position s - pad[i]; slots
 below pad[i] hold padding that no real token attends to. The cache has P + max_new_tokens slots
-(checked against the model's context before anything runs).
+(checked against the model's context before anything runs) rounded up to a power of two from 64, capped
+at the context (`cache_slots`); the model keeps it between calls (Llama.setup_caches), so calls with the
+same batch size and bucket reuse the same storage.
 
 Per decoding step the work is one `decode_one_token` (the model on one token per row, logits over
 the tokenizer's vocabulary only) and `sample_one_no_sync` (repetition penalty, temperature, top-k,
 top-p, then the exponential race `argmax(p / E)`, E ~ Exp(1) drawn from a seeded torch.Generator
 outside the step). Nothing in the step reads a value back to the host; finished rows are tracked
 in a `done` mask on the device and checked every few steps (or every step when streaming). With
-`compile=True` the step is compiled once for the batch's static shapes (CUDA graphs on CUDA).
+`compile=True` the step is compiled once per (batch size, cache bucket, sampling settings), static
+shapes, and reused by later calls (CUDA graphs on CUDA, replayed on the same cache addresses). Dynamo
+keeps at most torch._dynamo.config.cache_size_limit (8) graphs of the step; past that it runs eagerly.
 
 `generate_recompute` is the slow reference without a cache (the whole sequence through the model for
 every token, as the seed project did); it draws the same random numbers, so the two agree token for
@@ -19,7 +23,7 @@ token.
 Public API:
     generate(model, prompt_ids, cfg, eot_id, vocab_limit, on_token=None, stats=None) -> list[list[int]]
     generate_recompute(model, prompt_ids, cfg, eot_id, vocab_limit) -> list[list[int]]
-    prepare_for_decoding(model) -> model      (weight layout for fast decoding; bin/sample applies it)
+    prepare_for_decoding(model) -> model      (storyllama.cpu_decode: oneDNN-packed weights; bin/sample applies it)
     prefill, decode_one_token, sample_one_no_sync, apply_repetition_penalty
     main(argv) -> exit code      (bin/sample)
 """
@@ -28,21 +32,19 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import itertools
+import os
 import sys
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 from storyllama.config import OneLineErrorParser, SampleConfig, add_dataclass_args, given
+from storyllama.cpu_decode import lm_head_logits, prepare_for_decoding
+from storyllama.devices import resolve_device, resolve_dtype
 from storyllama.model import Llama
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CHECK_DONE_EVERY = 8  # decoding steps between host reads of the `done` mask (when not streaming)
 
 
@@ -65,15 +67,6 @@ class SamplingParams:
 
 
 # -- the model side: prefill and one decoding step ----------------------------------------------------
-def _lm_head(model: Llama, h: torch.Tensor, vocab_limit: int) -> torch.Tensor:
-    """Logits (B, vocab_limit) in fp32 of the last hidden state h (B, dim). Rows of the LM head past the
-    tokenizer's vocabulary (padding to a multiple of 64) are never sampled: cut off before sampling."""
-    key = getattr(model, "_decode_head_key", None)  # set by prepare_for_decoding
-    if key is None or (h.shape[0] == 1 and not model._decode_head_one_row):
-        return F.linear(h, model.lm_head_weight[:vocab_limit]).float()  # (B, vocab_limit)
-    return decode_linear(h, model.lm_head_weight, key).float()[:, :vocab_limit]  # (B, V) -> (B, vocab_limit)
-
-
 def _cache_len(model: Llama) -> int:
     cache = model.layers[0].attention.cache
     if cache is None:
@@ -97,7 +90,7 @@ def prefill(model: Llama, idx: torch.Tensor, pad: torch.Tensor, vocab_limit: int
     mask = (slots[None] <= t) & (real | (slots[None] == t))  # (B, P, S)
     positions = (slots[None, :P] - pad).clamp(min=0)  # (B, P): RoPE position of each slot
     h = model.hidden_states(idx, positions=positions, cache_pos=slots[:P], attn_mask=mask[:, None])
-    return _lm_head(model, h[:, -1], vocab_limit)
+    return lm_head_logits(model, h[:, -1], vocab_limit)
 
 
 def decode_one_token(model: Llama, tok: torch.Tensor, cache_pos: torch.Tensor, pad: torch.Tensor,
@@ -112,7 +105,7 @@ def decode_one_token(model: Llama, tok: torch.Tensor, cache_pos: torch.Tensor, p
     mask = (slots >= pad) & (slots <= cache_pos)  # (B, S)
     positions = cache_pos[None] - pad  # (B, 1)
     h = model.hidden_states(tok, positions=positions, cache_pos=cache_pos, attn_mask=mask[:, None, None, :])
-    return _lm_head(model, h[:, -1], vocab_limit)
+    return lm_head_logits(model, h[:, -1], vocab_limit)
 
 
 # -- the sampling side ---------------------------------------------------------------------------------
@@ -163,10 +156,24 @@ def _decode_step(model: Llama, tok: torch.Tensor, cache_pos: torch.Tensor, pad: 
 
 
 _compiled_steps: dict[str, Callable] = {}
+MIN_CACHE_SLOTS = 64  # the smallest cache bucket
+
+
+def cache_slots(needed: int, block_size: int) -> int:
+    """Cache length for `needed` slots: the next power of two from MIN_CACHE_SLOTS up, capped at block_size.
+
+    Prompts of every length then share a few cache shapes (64, 128, 256, 512 for the 512-token context),
+    so the compiled decode step has a few graphs per batch size, not one per prompt length; the unused
+    slots are masked out (at most as many again as used, read by attention only)."""
+    slots = MIN_CACHE_SLOTS
+    while slots < needed:
+        slots *= 2
+    return min(slots, block_size)
 
 
 def _compiled_decode_step(device: torch.device) -> Callable:
-    """torch.compile of _decode_step with static shapes (each batch and cache length is its own graph).
+    """torch.compile of _decode_step with static shapes: one graph per (batch, cache bucket, sampling
+    settings), reused across generate calls (the model keeps its caches, see Llama.setup_caches).
 
     CUDA: mode="reduce-overhead", the step replayed as a CUDA graph. CPU: inductor's default mode with its
     C++ wrapper, which fuses the elementwise work (norms, RoPE, masks, sampling) around the matmuls and
@@ -175,8 +182,6 @@ def _compiled_decode_step(device: torch.device) -> Callable:
     """
     mode = "reduce-overhead" if device.type == "cuda" else "default"
     if mode not in _compiled_steps:
-        # Batch sizes, cache lengths and sampling settings each compile a graph; allow more than dynamo's 8.
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         if mode == "default":
             # C++ wrapper code: less Python per step (measured ~1.1x at the small shape, batch 1).
             _compiled_steps[mode] = torch.compile(_decode_step, dynamic=False, fullgraph=True,
@@ -184,97 +189,6 @@ def _compiled_decode_step(device: torch.device) -> Callable:
         else:
             _compiled_steps[mode] = torch.compile(_decode_step, mode=mode, dynamic=False, fullgraph=True)
     return _compiled_steps[mode]
-
-
-# -- prepacked weights for decoding on CPU -------------------------------------------------------------
-# Decoding multiplies a few rows (the batch) by every weight matrix, so it runs at the speed the matmul
-# streams weights. On this project's CPU (AMD Zen 5, 1 thread) PyTorch's default fp32 path (MKL) streams
-# a 512 x 50,304 head at ~17 GB/s for 1 row and ~10 GB/s for 8 rows; oneDNN with the weight reordered
-# once into its blocked layout streams it at ~47 and ~28 GB/s (bf16: ~18 -> ~48 and ~15 -> ~28 GB/s).
-_PACK_ROWS_HINT = 64  # the row count oneDNN blocks for; measured as fast for 1-16 rows as a hint of 1 or 8
-PACK_MIN_BYTES = 512 << 10  # smaller matrices sit in cache, where the packed path's per-call cost outweighs its gain
-# A model whose weights fit in the last-level cache (32 MB here) reads them from cache at 1 row per step
-# as fast through PyTorch's gemv: the packed path then pays off only for several rows (measured: small
-# shape, batch 1: 1,750-1,800 tok/s plain vs 1,340 packed; batch 8: 3,500 plain vs 4,550 packed).
-PACK_ONE_ROW_MIN_MODEL_BYTES = 32 << 20
-_packed: dict[int, tuple[tuple, torch.Tensor]] = {}  # key -> (weight signature, packed weight)
-_pack_keys = itertools.count()
-
-
-def _packed_weight(weight: torch.Tensor, key: int) -> torch.Tensor:
-    """The oneDNN-packed copy of weight (out, in), repacked if the weight changed since (data or version)."""
-    sig = (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape))
-    hit = _packed.get(key)
-    if hit is None or hit[0] != sig:
-        hit = (sig, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_ROWS_HINT))
-        _packed[key] = hit
-    return hit[1]
-
-
-def _decode_linear_eager(x: torch.Tensor, weight: torch.Tensor, key: int) -> torch.Tensor:
-    if x.device.type != "cpu" or x.dtype != weight.dtype or x.dtype not in (torch.float32, torch.bfloat16):
-        return F.linear(x, weight)
-    return torch.ops.mkldnn._linear_pointwise(x, _packed_weight(weight, key), None, "none", [], "")
-
-
-@torch.library.custom_op("storyllama::decode_linear", mutates_args=())
-def _decode_linear_op(x: torch.Tensor, weight: torch.Tensor, key: int) -> torch.Tensor:
-    """x @ weight.T through the packed copy of weight: an opaque op to torch.compile, which cannot trace
-    oneDNN's packed tensors; weight is an input so the graph reads the live parameter."""
-    return _decode_linear_eager(x, weight, key)
-
-
-@_decode_linear_op.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, key: int) -> torch.Tensor:
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
-def decode_linear(x: torch.Tensor, weight: torch.Tensor, key: int) -> torch.Tensor:
-    """x (..., in) @ weight (out, in).T with the packed weight registered under key; no gradient."""
-    if torch.compiler.is_compiling():
-        return _decode_linear_op(x, weight, key)
-    return _decode_linear_eager(x, weight, key)
-
-
-class _DecodeLinear(nn.Linear):
-    """An nn.Linear (no bias) of a model prepared by prepare_for_decoding: without gradients, the matmul
-    goes through the oneDNN-packed weight. Same parameters and state dict as the nn.Linear it was."""
-
-    _pack_key: int
-    _pack_one_row: bool  # also take the packed path for a single row (weights streamed from memory)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() or self.bias is not None or (x.numel() == x.shape[-1] and not self._pack_one_row):
-            return F.linear(x, self.weight, self.bias)
-        return decode_linear(x, self.weight, self._pack_key)
-
-
-def _register_pack(owner: object) -> int:
-    key = next(_pack_keys)
-    weakref.finalize(owner, _packed.pop, key, None)  # the packed copy goes with its module or model
-    return key
-
-
-def prepare_for_decoding(model: Llama, min_bytes: int = PACK_MIN_BYTES) -> Llama:
-    """Route the model's matmuls through oneDNN-packed copies of the weights when decoding on CPU, in place.
-
-    For inference (bin/sample applies it): the parameters and state dict are unchanged, the packed
-    copies (one more copy of the weights in memory) are made on first use and redone if a weight
-    changes; with gradients enabled the model computes exactly as before. No-op on CUDA, without
-    oneDNN, or for dtypes other than float32 and bfloat16.
-    """
-    w = model.lm_head_weight
-    if (w.device.type != "cpu" or not torch.backends.mkldnn.is_available()
-            or w.dtype not in (torch.float32, torch.bfloat16)):
-        return model
-    one_row = sum(p.nbytes for p in model.parameters()) >= PACK_ONE_ROW_MIN_MODEL_BYTES
-    for module in model.layers.modules():
-        if type(module) is nn.Linear and module.bias is None and module.weight.nbytes >= min_bytes:
-            module.__class__ = _DecodeLinear
-            module._pack_key, module._pack_one_row = _register_pack(module), one_row
-    if getattr(model, "_decode_head_key", None) is None and w.nbytes >= min_bytes:
-        model._decode_head_key, model._decode_head_one_row = _register_pack(model), one_row
-    return model
 
 
 # -- the loop --------------------------------------------------------------------------------------------
@@ -364,7 +278,7 @@ def generate(model: Llama, prompt_ids: list[list[int]], cfg: SampleConfig, eot_i
     # On CPU the cache (and attention) stay fp32 whatever the weights: CPU SDPA in bf16 is ~8x slower than
     # fp32 (measured at batch 8, 272 slots: 1.35 ms vs 0.16 ms per layer) and the cache is small.
     cache_dtype = torch.float32 if device.type == "cpu" else model.lm_head_weight.dtype
-    model.setup_caches(B, P + n_new, dtype=cache_dtype)
+    model.setup_caches(B, cache_slots(P + n_new, model.cfg.block_size), dtype=cache_dtype)
     try:
         t0 = time.perf_counter()
         logits = prefill(model, idx, pad, vocab_limit)
@@ -424,7 +338,7 @@ def generate_recompute(model: Llama, prompt_ids: list[list[int]], cfg: SampleCon
     t1 = t0
     for i in range(n_new):
         h = model.hidden_states(seq)  # (B, T, dim)
-        nxt = sample_one_no_sync(_lm_head(model, h[:, -1], vocab_limit), params, presence,
+        nxt = sample_one_no_sync(lm_head_logits(model, h[:, -1], vocab_limit), params, presence,
                                  _noise(params, (B, vocab_limit), gen, device))
         nxt = torch.where(done, eot, nxt)
         done = done | (nxt == eot)
@@ -472,18 +386,14 @@ def build_parser(prog: str = "sample") -> argparse.ArgumentParser:
     return p
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def load_for_sampling(path: str, device: torch.device, dtype: torch.dtype):
-    """(model in eval mode with weights in `dtype`, tiktoken encoding, checkpoint dir)."""
+    """(model in eval mode with weights in `dtype`, tiktoken encoding, checkpoint dir). The model's ops are
+    the Triton kernels on CUDA and the reference ops elsewhere (kernels.resolve_backend("auto"))."""
     from data_prep.tokenizer import load_encoding
+    from kernels import resolve_backend
     from storyllama.checkpoint import load_model
 
-    model, ckpt = load_model(path, device=device)
+    model, ckpt = load_model(path, device=device, kernels=resolve_backend("auto", device))
     # Cast the weights only: the RoPE tables stay fp32 (model.to(dtype) would round them).
     for p in model.parameters():
         p.data = p.data.to(dtype)
@@ -497,10 +407,12 @@ def main(argv: list[str] | None = None, prog: str = "sample") -> int:
     ns = build_parser(prog).parse_args(argv)
     try:
         cfg = SampleConfig(**given(ns, SampleConfig))
-        if cfg.dtype not in DTYPES:
-            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+        dtype = resolve_dtype(cfg.dtype)
         device = resolve_device(cfg.device)
-        model, enc, ckpt = load_for_sampling(ns.run or ns.checkpoint, device, DTYPES[cfg.dtype])
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 weights: TF32 tensor cores for the matmuls
+            torch.backends.cudnn.allow_tf32 = True
+        model, enc, ckpt = load_for_sampling(ns.run or ns.checkpoint, device, dtype)
         eot_id = enc.eot_token
         # An empty prompt starts a story from scratch: training data separates stories with EOT.
         prompts = [enc.encode(text, allowed_special="all") or [eot_id] for text in cfg.prompt]
@@ -509,8 +421,25 @@ def main(argv: list[str] | None = None, prog: str = "sample") -> int:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
 
-    rows = [p for p in prompts for _ in range(cfg.num_samples)]
     stats: dict = {}
+    try:
+        _write_stories(model, enc, prompts, cfg, stats)
+    except BrokenPipeError:
+        # The reader went away (`bin/sample ... | head -1`): stop quietly. Point stdout at devnull so the
+        # interpreter's final flush does not raise again (the Python docs' recipe for SIGPIPE).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    n = stats["new_tokens"] * stats["batch"]
+    print(f"[{ckpt}] prefill {stats['prompt_tokens']} x {stats['batch']} tokens in {stats['prefill_s']:.3f} s; "
+          f"decode {n} tokens in {stats['decode_s']:.2f} s ({n / max(stats['decode_s'], 1e-9):.1f} tokens/s"
+          + (", including compiling the decode step)" if cfg.compile else ")"), file=sys.stderr)
+    return 0
+
+
+def _write_stories(model: Llama, enc, prompts: list[list[int]], cfg: SampleConfig, stats: dict) -> None:
+    """Generate and print: one story streams as it is written; several print one after another."""
+    eot_id = enc.eot_token
+    rows = [p for p in prompts for _ in range(cfg.num_samples)]
     if len(rows) == 1:
         # One story: stream it as it is written.
         sys.stdout.write(cfg.prompt[0])
@@ -535,11 +464,6 @@ def main(argv: list[str] | None = None, prog: str = "sample") -> int:
             print(f"--- prompt {prompt_no + 1}, sample {sample_no + 1} ---")
             print(cfg.prompt[prompt_no] + enc.decode(ids))
     sys.stdout.flush()
-    n = stats["new_tokens"] * stats["batch"]
-    print(f"[{ckpt}] prefill {stats['prompt_tokens']} x {stats['batch']} tokens in {stats['prefill_s']:.3f} s; "
-          f"decode {n} tokens in {stats['decode_s']:.2f} s ({n / max(stats['decode_s'], 1e-9):.1f} tokens/s"
-          + (", including compiling the decode step)" if cfg.compile else ")"), file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":

@@ -193,3 +193,105 @@ def test_compiled_model_gives_the_eager_loss():
     eager = model(idx[:, :-1], idx[:, 1:])
     compiled = torch.compile(model, fullgraph=True)(idx[:, :-1], idx[:, 1:])
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+# -- which SDPA kernel serves each attention call ----------------------------------------------------------
+def _attention_cases(device: str, dropout: float = 0.0) -> list[tuple[str, object]]:
+    """(name, thunk) for every way the model attends: training fp32 and bf16 (forward + backward, causal, no
+    mask) and sampling (prefill and cached decode, both with a mask), on a GQA model (4 heads, 2 kv heads)."""
+    from storyllama.config import SampleConfig
+    from storyllama.sample import generate
+
+    torch.manual_seed(0)
+    model = Llama(ModelConfig(**{**SMALL, "dropout": dropout})).to(device)
+    idx = torch.randint(0, 256, (2, 33), device=device)
+
+    def train(dtype):
+        def run():
+            with torch.autocast(device, dtype, enabled=dtype != torch.float32):
+                model.train()(idx[:, :-1], idx[:, 1:]).backward()
+        return run
+
+    def sample(prompts):
+        return lambda: generate(model.eval(), prompts, SampleConfig(max_new_tokens=4, temperature=0.0), None, 256)
+
+    return [("train-fp32", train(torch.float32)), ("train-bf16", train(torch.bfloat16)),
+            ("prefill+decode", sample([[1, 2, 3], [4, 5, 6, 7, 8, 9]])), ("decode-1-token-prompt", sample([[7]]))]
+
+
+def _every_case_runs_on(backends, device: str, dropout: float = 0.0) -> None:
+    from torch.nn.attention import sdpa_kernel
+
+    for name, run in _attention_cases(device, dropout):
+        with sdpa_kernel(backends):  # the math kernel is not allowed: "No available kernel" if it were needed
+            try:
+                run()
+            except RuntimeError as e:
+                pytest.fail(f"{name}: {e}")
+
+
+def test_attention_runs_on_the_cpu_flash_kernel():
+    """Without dropout: no fused CPU kernel takes attention dropout (training with --dropout > 0 on CPU
+    runs the math kernel)."""
+    from torch.nn.attention import SDPBackend
+
+    _every_case_runs_on([SDPBackend.FLASH_ATTENTION], "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_attention_runs_on_fused_cuda_kernels():
+    from torch.nn.attention import SDPBackend
+
+    _every_case_runs_on([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION], "cuda", dropout=0.1)
+
+
+def test_sdpa_calls_follow_the_cuda_kernel_rules(monkeypatch):
+    """CUDA's flash kernel takes enable_gqa but neither a mask nor fp32, its memory-efficient kernel a mask
+    and fp32 but not enable_gqa: a call outside both falls back to the O(T^2)-memory math kernel. The
+    model's calls are recorded on CPU with the CUDA rules applied (the CPU's flash kernel takes them all)."""
+    import torch.nn.functional as F
+
+    import storyllama.model as model_mod
+
+    monkeypatch.setattr(model_mod, "_cuda_rules", lambda q: True, raising=False)
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, *args, enable_gqa=False, **kw):
+        calls.append((attn_mask is not None, enable_gqa, q.shape[1] == k.shape[1], q.dtype))
+        return real(q, k, v, attn_mask, *args, enable_gqa=enable_gqa, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    for _, run in _attention_cases("cpu"):
+        run()
+    assert any(masked for masked, *_ in calls) and any(gqa for _, gqa, *_ in calls)
+    assert {dtype for *_, dtype in calls} == {torch.float32, torch.bfloat16}
+    for masked, gqa, same_heads, dtype in calls:
+        assert not (masked and gqa), "mask + enable_gqa: no fused CUDA kernel takes it"
+        assert not (dtype == torch.float32 and gqa), "fp32 + enable_gqa: no fused CUDA kernel takes it"
+        assert gqa or same_heads or masked  # k, v (B, Hkv, S, D) against q folded to (B, Hkv, rep * T, D)
+
+
+@pytest.mark.parametrize("T, S, masked", [(5, 5, False), (5, 9, True), (1, 9, True)])
+@pytest.mark.parametrize("B_mask", [1, 3])
+@pytest.mark.parametrize("cuda_rules", [False, True])
+def test_attend_equals_textbook_grouped_query_attention(monkeypatch, T, S, masked, B_mask, cuda_rules):
+    """Every call layout (enable_gqa; k, v expanded; query groups folded) gives textbook GQA."""
+    import storyllama.model as model_mod
+    from storyllama.model import attend
+
+    monkeypatch.setattr(model_mod, "_cuda_rules", lambda q: cuda_rules)
+    torch.manual_seed(0)
+    B, H, Hkv, D = 3, 6, 2, 8
+    q, k, v = torch.randn(B, H, T, D), torch.randn(B, Hkv, S, D), torch.randn(B, Hkv, S, D)
+    if masked:
+        mask = torch.rand(B_mask, 1, T, S) < 0.6
+        mask[..., 0] = True  # every query attends somewhere
+    else:
+        mask = torch.ones(T, S, dtype=torch.bool).tril()[None, None]
+    kk, vv = k.double().repeat_interleave(H // Hkv, 1), v.double().repeat_interleave(H // Hkv, 1)
+    scores = (q.double() @ kk.transpose(-1, -2) / math.sqrt(D)).masked_fill(~mask, float("-inf"))
+    expected = scores.softmax(-1) @ vv
+    torch.testing.assert_close(attend(q, k, v, mask if masked else None, 0.0).double(), expected, rtol=1e-5,
+                               atol=1e-5)

@@ -171,7 +171,7 @@ def test_compiled_decode_step_gives_the_eager_tokens_and_follows_weight_updates(
 
 @pytest.mark.parametrize("compile", [False, True])
 def test_prepared_model_samples_the_same_and_trains_the_same(compile):
-    from storyllama.sample import _DecodeLinear, prepare_for_decoding
+    from storyllama.cpu_decode import PackedLinear, prepare_for_decoding
 
     model = tiny_model()
     cfg = replace(GREEDY, compile=compile)
@@ -179,8 +179,8 @@ def test_prepared_model_samples_the_same_and_trains_the_same(compile):
     idx = torch.tensor([PROMPTS[2]])
     loss = model(idx[:, :-1], idx[:, 1:])
     prepare_for_decoding(model, min_bytes=0)  # pack every matrix of the tiny model
-    assert sum(isinstance(m, _DecodeLinear) for m in model.modules()) == 14  # 7 per layer, and the head:
-    assert model._decode_head_key is not None
+    assert sum(isinstance(m, PackedLinear) for m in model.modules()) == 14  # 7 per layer, and the head:
+    assert model._packed_head is not None
     assert generate(model, PROMPTS, cfg, None, N_VOCAB) == before  # oneDNN's sums differ only in rounding
     assert model.state_dict().keys() == state.keys()
     torch.testing.assert_close(model(idx[:, :-1], idx[:, 1:]), loss)  # with gradients: plain F.linear
@@ -279,3 +279,156 @@ def test_sample_errors_are_one_line_exit_2(saved, tmp_path, capsys, args, messag
     err = capsys.readouterr().err
     assert rc == 2
     assert message in err and err.count("\n") == 1 and err.startswith("bin/sample: error:"), err
+
+
+# -- bad input to the real tool: one line on stderr, no traceback (issue 15) -------------------------------
+def run_bin_sample(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "bin" / "sample"), *args], capture_output=True, text=True,
+                          timeout=120, **kw)
+
+
+@pytest.mark.parametrize("flag", ["--temperature", "--top_p", "--repetition_penalty"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_sampling_knob_is_an_error_naming_the_flag(flag, value):
+    with pytest.raises(ValueError, match=f"{flag} must be a finite number"):
+        SampleConfig(**{flag[2:]: float(value)})
+
+
+def test_bin_sample_nan_temperature_is_one_line_exit_2(saved):
+    res = run_bin_sample("--run", str(saved[0]), "--temperature", "nan")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.count("\n") == 1 and "--temperature must be a finite number" in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("device, message", [
+    pytest.param("cuda", "no usable CUDA GPU", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA")),
+    ("tpu", "--device"),
+    ("cuda:x", "is not a device name"),
+])
+def test_bin_sample_bad_device_is_one_line_exit_2(saved, device, message):
+    res = run_bin_sample("--run", str(saved[0]), "--device", device, "--max_length", "5")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.count("\n") == 1 and message in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("prompts", [["Once upon a time"], ["Once", "A cat"]])
+def test_bin_sample_into_a_closed_pipe_ends_quietly(saved, prompts):
+    """`bin/sample ... | head -1` where head has gone: the reader's end is closed before the first write."""
+    import os
+
+    r, w = os.pipe()
+    os.close(r)  # nobody reads: the first write to stdout fails with EPIPE
+    try:
+        res = subprocess.run([sys.executable, str(REPO / "bin" / "sample"), "--run", str(saved[0]), "--prompt",
+                              *prompts, "--max_length", "20", "--seed", "1"], stdout=w, stderr=subprocess.PIPE,
+                             text=True, timeout=120)
+    finally:
+        os.close(w)
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr and "BrokenPipeError" not in res.stderr, res.stderr
+
+
+def test_bin_sample_piped_into_head_prints_one_line(saved):
+    res = subprocess.run(f"'{sys.executable}' '{REPO / 'bin' / 'sample'}' --run '{saved[0]}' --prompt a b c "
+                         "--num_samples 4 --max_length 40 --seed 1 | head -1", shell=True, capture_output=True,
+                         text=True, timeout=120)
+    assert res.stdout.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr
+
+
+@pytest.mark.xfail(reason="needs checkpoint.load_weights to raise CheckpointError on a shape mismatch (the lead's "
+                          "change in checkpoint.py); bin/sample already turns CheckpointError into one line",
+                   strict=False)
+def test_bin_sample_config_not_matching_weights_is_one_line_exit_2(tmp_path):
+    import json
+
+    _, ckpt = save_checkpoint(tmp_path, tiny_model())
+    cfg_file = ckpt / "model_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg_file.write_text(json.dumps({**cfg, "dim": 2 * cfg["dim"]}))
+    res = run_bin_sample("--checkpoint", str(ckpt), "--max_length", "5")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.count("\n") == 1 and res.stderr.startswith("bin/sample: error:"), res.stderr
+
+
+def test_prepared_model_wraps_linears_explicitly():
+    """prepare_for_decoding swaps no __class__: each packed Linear sits inside a PackedLinear that holds it
+    and shares its weight Parameter."""
+    from storyllama.cpu_decode import PackedLinear, packing_supported, prepare_for_decoding
+
+    if not packing_supported(torch.float32):
+        pytest.skip("oneDNN cannot pack fp32 weights here")
+    model = tiny_model()
+    linear = model.layers[0].attention.wq
+    params = dict(model.named_parameters())
+    prepare_for_decoding(model, min_bytes=0)
+    wrapper = model.layers[0].attention.wq
+    assert type(wrapper) is PackedLinear and type(linear) is torch.nn.Linear
+    assert wrapper.unwrap() is linear and wrapper.weight is linear.weight
+    assert dict(model.named_parameters()) == params  # same names, same Parameter objects
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepared_model_samples_like_the_plain_one_in_each_dtype(dtype):
+    """bf16 included: where this CPU's oneDNN cannot pack bf16 (no AVX512-BF16-era ISA) the model stays as
+    it is instead of failing at the first matmul."""
+    from storyllama.cpu_decode import prepare_for_decoding
+
+    plain, prepared = tiny_model(), tiny_model()
+    for m in (plain, prepared):
+        for p in m.parameters():
+            p.data = p.data.to(dtype)
+    prepare_for_decoding(prepared, min_bytes=0)
+    assert generate(prepared, PROMPTS, GREEDY, None, N_VOCAB) == generate(plain, PROMPTS, GREEDY, None, N_VOCAB)
+
+
+def test_cache_buckets():
+    from storyllama.sample import cache_slots
+
+    assert [cache_slots(n, 512) for n in (1, 64, 65, 200, 272, 512)] == [64, 64, 128, 256, 512, 512]
+    assert cache_slots(100, 96) == 96  # capped at the context
+
+
+def test_compiled_sampling_reuses_one_graph_and_one_cache_across_prompt_lengths():
+    """Ten prompts of ten lengths, compile=True: the cache storage is the same on every call and the decode
+    step compiles once (before: a fresh cache sized to each prompt, so a new graph per length)."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_model()
+    cfg = SampleConfig(max_new_tokens=6, temperature=0.0, compile=True)
+    torch._dynamo.reset()
+    counters.clear()
+    ptrs: set[int] = set()
+    for n in range(1, 11):
+        prompt = list(range(3, 3 + 2 * n, 2))
+        out = generate(model, [prompt], cfg, None, N_VOCAB,
+                       on_token=lambda ids: ptrs.add(model.layers[0].attention.cache.k.data_ptr()))
+        if n in (1, 10):
+            assert out[0] == greedy_by_recompute(model, prompt, cfg.max_new_tokens)
+    assert len(ptrs) == 1
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+    assert all(layer.attention.cache is None for layer in model.layers)  # detached: training is unaffected
+
+
+def test_load_for_sampling_takes_triton_ops_on_cuda_and_reference_ops_on_cpu(saved, monkeypatch):
+    """bin/sample's model uses kernels.resolve_backend("auto", device): Triton on CUDA (recorded here by
+    standing in for load_model, so no GPU is needed), the reference ops on CPU."""
+    from kernels._triton_utils import HAS_TRITON
+    from storyllama import checkpoint
+    from storyllama.sample import load_for_sampling
+
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed: auto resolves to the reference ops everywhere")
+    asked: dict[str, str] = {}
+    real = checkpoint.load_model
+
+    def recording_load_model(path, device="cpu", dtype=None, kernels="reference"):
+        asked[torch.device(device).type] = kernels
+        return real(path, device="cpu", kernels="reference")
+
+    monkeypatch.setattr(checkpoint, "load_model", recording_load_model)
+    for device in ("cpu", "cuda"):
+        load_for_sampling(str(saved[1]), torch.device(device), torch.float32)
+    assert asked == {"cpu": "reference", "cuda": "triton"}
+    monkeypatch.undo()
+    model, _, _ = load_for_sampling(str(saved[1]), torch.device("cpu"), torch.float32)
+    assert model.ops.backend == "reference" and all(layer.attention.ops is model.ops for layer in model.layers)
