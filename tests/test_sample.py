@@ -335,9 +335,6 @@ def test_bin_sample_piped_into_head_prints_one_line(saved):
     assert res.stdout.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr
 
 
-@pytest.mark.xfail(reason="needs checkpoint.load_weights to raise CheckpointError on a shape mismatch (the lead's "
-                          "change in checkpoint.py); bin/sample already turns CheckpointError into one line",
-                   strict=False)
 def test_bin_sample_config_not_matching_weights_is_one_line_exit_2(tmp_path):
     import json
 
