@@ -140,9 +140,8 @@ def stage_tests(plan: Plan) -> list[Row]:
 
 
 def _kernel_row(op: str, impl: str, plan: Plan, base: dict[str, float]) -> Row:
+    from storyllama.kernels.cross_entropy import linear_cross_entropy
     from test_bench_kernels import fwd_bwd, kernel_case
-
-    from kernels.cross_entropy import linear_cross_entropy
 
     dtype = torch.bfloat16 if plan.device.type == "cuda" else torch.float32
     if op == "linear_ce":
@@ -262,7 +261,8 @@ def copy_gbps(plan: Plan) -> float:
 
 
 def stage_sample(plan: Plan) -> list[Row]:
-    from kernels import resolve_backend
+    from storyllama.kernels import resolve_backend
+
     from storyllama import sample
     from storyllama.config import SampleConfig, preset
     from storyllama.model import Llama

@@ -69,9 +69,9 @@ def main() -> None:
 def build(args) -> None:
     import torch
     import transformers
+    from storyllama.data_prep.builtin import write_stories
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from data_prep.builtin import write_stories
     from storyllama.config import PRESETS
 
     work = Path(args.work)
@@ -97,8 +97,8 @@ def build(args) -> None:
 def sample(args) -> None:
     import torch
     import transformers
+    from storyllama.data_prep.tokenizer import load_encoding
 
-    from data_prep.tokenizer import load_encoding
     from storyllama import checkpoint
     from storyllama.config import SampleConfig
     from storyllama.sample import generate

@@ -26,9 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from data_prep.prepare import PrepareOptions, prepare
-from data_prep.tokenizer import dump_ranks, train_bpe
+from storyllama.data_prep.prepare import PrepareOptions, prepare
+from storyllama.data_prep.tokenizer import dump_ranks, train_bpe
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 if not SHARED.is_dir():

@@ -52,7 +52,7 @@ def _status_mb(field: str) -> float:
 
 
 def _ce_loss(variant: str):
-    from kernels.cross_entropy import linear_cross_entropy_chunked
+    from storyllama.kernels.cross_entropy import linear_cross_entropy_chunked
 
     if variant == "fused":
         return linear_cross_entropy_chunked
@@ -101,9 +101,9 @@ def ce_memory(variant: str) -> dict:
 
 def kernel_case(op: str, device: str = "cuda", dtype: torch.dtype = torch.bfloat16, B: int = 16, T: int = 512):
     """(reference fn, triton fn, inputs needing grad, other args, bytes moved by forward + backward)."""
-    from kernels.rmsnorm import rmsnorm, rmsnorm_reference
-    from kernels.rope import rope, rope_cos_sin, rope_reference
-    from kernels.swiglu import swiglu, swiglu_reference
+    from storyllama.kernels.rmsnorm import rmsnorm, rmsnorm_reference
+    from storyllama.kernels.rope import rope, rope_cos_sin, rope_reference
+    from storyllama.kernels.swiglu import swiglu, swiglu_reference
 
     g = torch.Generator(device=device).manual_seed(0)
     rand = lambda *shape: torch.randn(shape, device=device, dtype=dtype, generator=g).requires_grad_()
@@ -148,7 +148,7 @@ def kernel_speed(op: str, impl: str) -> dict:
 
 
 def ce_speed(impl: str, N: int = 16 * 512, C: int = 512, V: int = 50304) -> dict:
-    from kernels.cross_entropy import linear_cross_entropy
+    from storyllama.kernels.cross_entropy import linear_cross_entropy
 
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(N, C, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()

@@ -86,7 +86,7 @@ def our_model(shape: str, dtype: str, prepared: bool = True) -> Llama:
 def _write_tokenizer(data_dir: Path, n_vocab: int) -> None:
     """A tiktoken ranks file of n_vocab - 1 ranks (256 bytes + two-byte tokens) and its meta.json: export
     needs a tokenizer, and its size sets which padded ids generation_config.json suppresses."""
-    from data_prep.tokenizer import GPT2_PAT_STR, TOKENIZER_FILE, dump_ranks, file_sha256
+    from storyllama.data_prep.tokenizer import GPT2_PAT_STR, TOKENIZER_FILE, dump_ranks, file_sha256
 
     ranks = {bytes([b]): b for b in range(256)}
     for i in range(n_vocab - 1 - 256):

@@ -16,7 +16,7 @@ and `meta.json` alone, with no network.
 
 The second kind, `hf:PATH_OR_DIR`, is a Hugging Face `tokenizer.json` (e.g. an imported Llama's 32,000
 tokens with byte fallback): meta.json then says `"kind": "hf"` and names `tokenizer.json`, and
-`load_encoding` returns a `data_prep.hf_tokenizer.HFEncoding`, which answers the same names
+`load_encoding` returns a `storyllama.data_prep.hf_tokenizer.HFEncoding`, which answers the same names
 (`encode_ordinary`, `encode`, `decode`, `decode_single_token_bytes`, `eot_token`, `n_vocab`).
 """
 

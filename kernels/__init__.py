@@ -11,12 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-
-from kernels._triton_utils import HAS_TRITON
-from kernels.cross_entropy import linear_cross_entropy_chunked, linear_cross_entropy_reference  # noqa: F401
-from kernels.rmsnorm import rmsnorm_reference
-from kernels.rope import rope_reference
-from kernels.swiglu import swiglu_reference
+from storyllama.kernels._triton_utils import HAS_TRITON
+from storyllama.kernels.cross_entropy import linear_cross_entropy_chunked, linear_cross_entropy_reference  # noqa: F401
+from storyllama.kernels.rmsnorm import rmsnorm_reference
+from storyllama.kernels.rope import rope_reference
+from storyllama.kernels.swiglu import swiglu_reference
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +76,7 @@ def get_ops(backend: str) -> KernelOps:
     if backend == "reference":
         return REFERENCE
     if backend == "triton":
-        from kernels.triton_ops import TRITON
+        from storyllama.kernels.triton_ops import TRITON
 
         return TRITON
     raise ValueError(f"unknown kernel backend {backend!r}; expected 'triton' or 'reference'")

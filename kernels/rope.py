@@ -12,8 +12,7 @@ cos/sin helper and the plain PyTorch reference.
 from __future__ import annotations
 
 import torch
-
-from kernels._triton_utils import next_pow2, tl, triton, use_triton, warps_for
+from storyllama.kernels._triton_utils import next_pow2, tl, triton, use_triton, warps_for
 
 # Elements per half-tile: (BLOCK_T, BLOCK_H, BLOCK_D) covers several positions of all heads, so a
 # (H=8, D=64) head layout still moves ~8 KiB in and out per program in bf16.

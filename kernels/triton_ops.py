@@ -6,10 +6,10 @@ PyTorch reference elsewhere, saying once when it falls back.
 
 from __future__ import annotations
 
-from kernels import KernelOps
-from kernels.cross_entropy import linear_cross_entropy
-from kernels.rmsnorm import rmsnorm
-from kernels.rope import rope
-from kernels.swiglu import swiglu
+from storyllama.kernels import KernelOps
+from storyllama.kernels.cross_entropy import linear_cross_entropy
+from storyllama.kernels.rmsnorm import rmsnorm
+from storyllama.kernels.rope import rope
+from storyllama.kernels.swiglu import swiglu
 
 TRITON = KernelOps("triton", rmsnorm, rope, swiglu, linear_cross_entropy)

@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from data_prep.tokenizer import file_sha256
 from storyllama.config import ModelConfig
+from storyllama.data_prep.tokenizer import file_sha256
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_prep.shards import FORMAT_VERSION, ShardError, open_shard, token_dtype
+from storyllama.data_prep.shards import FORMAT_VERSION, ShardError, open_shard, token_dtype
 
 SPLITS = ("train", "val")
 

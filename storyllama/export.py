@@ -52,7 +52,7 @@ print(story("Once upon a time", max_new_tokens=200, do_sample=True, temperature=
 ```
 
 `meta.json` and the tokenizer file it names are the StoryLlama tokenizer files
-(`data_prep.tokenizer.load_encoding(path)` reads them).
+(`storyllama.data_prep.tokenizer.load_encoding(path)` reads them).
 """
 
 
@@ -83,12 +83,12 @@ def _tokenizer_info(ckpt: Path) -> dict:
 
 def hf_tokenizer_for(ckpt: Path):
     """The checkpoint's tokenizer as a `tokenizers.Tokenizer` with the same ids (EOT a special token)."""
-    from data_prep.tokenizer import EOT, load_encoding, load_ranks
+    from storyllama.data_prep.tokenizer import EOT, load_encoding, load_ranks
 
     tok = _tokenizer_info(ckpt)
     if tok.get("kind") == "hf":
         return load_encoding(ckpt).tokenizer
-    from data_prep.hf_tokenizer import ranks_to_hf_tokenizer
+    from storyllama.data_prep.hf_tokenizer import ranks_to_hf_tokenizer
 
     ranks = load_ranks(ckpt / tok["file"])
     return ranks_to_hf_tokenizer(ranks, tok["pat_str"], {tok.get("special", EOT): tok["eot_id"]})

@@ -85,8 +85,8 @@ def gguf_vocab(ckpt: Path, tok: dict, cfg: ModelConfig) -> dict:
     """
     import gguf
 
-    from data_prep.hf_tokenizer import ranks_to_tokens_and_merges
-    from data_prep.tokenizer import load_encoding, load_ranks
+    from storyllama.data_prep.hf_tokenizer import ranks_to_tokens_and_merges
+    from storyllama.data_prep.tokenizer import load_encoding, load_ranks
 
     T = gguf.TokenType
     eot_id = tok["eot_id"]

@@ -132,7 +132,12 @@ def _torch_load(path: Path) -> dict:
 
 def _hf_tokenizer(src: Path, eot_hint: int | None):
     """(HFEncoding, source note) for a transformers directory: its tokenizer.json, else its tokenizer.model."""
-    from data_prep.hf_tokenizer import HFEncoding, HFTokenizerError, load_hf_encoding, sentencepiece_to_hf_tokenizer
+    from storyllama.data_prep.hf_tokenizer import (
+        HFEncoding,
+        HFTokenizerError,
+        load_hf_encoding,
+        sentencepiece_to_hf_tokenizer,
+    )
 
     try:
         if (src / "tokenizer.json").is_file():
@@ -185,7 +190,7 @@ def read_transformers_dir(src: Path):
 
 def read_llama2c(pt: Path, tokenizer_model: Path | None = None):
     """(ModelConfig, our state dict, HFEncoding) from a llama2.c checkpoint and its tokenizer.model."""
-    from data_prep.hf_tokenizer import HFEncoding, HFTokenizerError, sentencepiece_to_hf_tokenizer
+    from storyllama.data_prep.hf_tokenizer import HFEncoding, HFTokenizerError, sentencepiece_to_hf_tokenizer
     from storyllama.gguf_export import to_half_split
 
     tok_path = tokenizer_model or pt.with_name("tokenizer.model")
@@ -322,8 +327,8 @@ def check_out(out: Path) -> None:
 def write_run(out: Path, cfg: ModelConfig, state: dict[str, torch.Tensor], enc, source: str) -> Path:
     from safetensors.torch import save_file
 
-    from data_prep.tokenizer import write_hf_tokenizer
     from storyllama import checkpoint
+    from storyllama.data_prep.tokenizer import write_hf_tokenizer
     from storyllama.export import _Staging
     from storyllama.model import Llama
 

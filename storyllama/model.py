@@ -1,7 +1,7 @@
 """The Llama: token embedding, N pre-norm blocks (RMSNorm -> GQA attention with RoPE -> residual;
 RMSNorm -> SwiGLU MLP -> residual), a final RMSNorm and a tied or untied LM head.
 
-The elementwise ops (RMSNorm, RoPE, SwiGLU, linear + cross-entropy) come from `kernels.get_ops`,
+The elementwise ops (RMSNorm, RoPE, SwiGLU, linear + cross-entropy) come from `storyllama.kernels.get_ops`,
 chosen once at construction: Triton kernels on CUDA, the plain PyTorch references elsewhere.
 
 Two ways to run it:
@@ -19,9 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import KernelOps, get_ops
-from kernels.rope import rope_cos_sin
 from storyllama.config import ModelConfig
+from storyllama.kernels import KernelOps, get_ops
+from storyllama.kernels.rope import rope_cos_sin
 
 
 class RMSNorm(nn.Module):
@@ -152,7 +152,7 @@ class Block(nn.Module):
 
 class Llama(nn.Module):
     def __init__(self, cfg: ModelConfig, kernels: str = "reference", fused_ce: bool = True):
-        """kernels: "triton" or "reference" (see kernels.resolve_backend for "auto").
+        """kernels: "triton" or "reference" (see storyllama.kernels.resolve_backend for "auto").
         fused_ce: compute the training loss with the chunked linear + cross-entropy (no full logits)."""
         super().__init__()
         self.cfg = cfg

@@ -388,10 +388,10 @@ def build_parser(prog: str = "sample") -> argparse.ArgumentParser:
 
 def load_for_sampling(path: str, device: torch.device, dtype: torch.dtype):
     """(model in eval mode with weights in `dtype`, tiktoken encoding, checkpoint dir). The model's ops are
-    the Triton kernels on CUDA and the reference ops elsewhere (kernels.resolve_backend("auto"))."""
-    from data_prep.tokenizer import load_encoding
-    from kernels import resolve_backend
+    the Triton kernels on CUDA and the reference ops elsewhere (storyllama.kernels.resolve_backend("auto"))."""
     from storyllama.checkpoint import load_model
+    from storyllama.data_prep.tokenizer import load_encoding
+    from storyllama.kernels import resolve_backend
 
     model, ckpt = load_model(path, device=device, kernels=resolve_backend("auto", device))
     # Cast the weights only: the RoPE tables stay fp32 (model.to(dtype) would round them).
@@ -401,8 +401,8 @@ def load_for_sampling(path: str, device: torch.device, dtype: torch.dtype):
 
 
 def main(argv: list[str] | None = None, prog: str = "sample") -> int:
-    from data_prep.tokenizer import TokenizerError
     from storyllama.checkpoint import CheckpointError
+    from storyllama.data_prep.tokenizer import TokenizerError
 
     ns = build_parser(prog).parse_args(argv)
     try:

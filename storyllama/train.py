@@ -35,7 +35,6 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from kernels import resolve_backend
 from storyllama import checkpoint
 from storyllama.config import (
     ModelConfig,
@@ -58,6 +57,7 @@ from storyllama.distributed import (
     init_distributed,
     restart_count,
 )
+from storyllama.kernels import resolve_backend
 from storyllama.locking import DirLock
 from storyllama.metrics import Metrics, check_wandb_login, peak_flops
 from storyllama.model import Llama
@@ -551,8 +551,8 @@ def evaluate_and_log(run: Run, prog: Progress, metrics: Metrics | None) -> bool:
 def sample_text(run: Run) -> str:
     """A story from the current weights, sampled on a copy of the model: the KV cache the sampler attaches
     never touches the module being trained (its compiled graph keeps its guards)."""
-    from data_prep.tokenizer import load_encoding
     from storyllama.config import SampleConfig
+    from storyllama.data_prep.tokenizer import load_encoding
     from storyllama.sample import generate
 
     cfg = run.cfg

@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def builtin_data(tmp_path_factory):
     """A small built-in corpus (300 stories, bpe:512) prepared once for the training-level tests."""
-    from data_prep.prepare import main as prepare_main
+    from storyllama.data_prep.prepare import main as prepare_main
 
     out = tmp_path_factory.mktemp("data") / "builtin"
     assert prepare_main(["--builtin", "--builtin_stories", "300", "--tokenizer", "bpe:512", "--out", str(out),

@@ -20,8 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from data_prep.shards import HEADER_BYTES
+from storyllama.data_prep.shards import HEADER_BYTES
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--preset", "tiny", "--dim", "64", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2",

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from storyllama.data_prep.shards import HEADER_BYTES, shard_name, write_shard
 
-from data_prep.shards import HEADER_BYTES, shard_name, write_shard
 from storyllama.data import DataError, RandomBatches, TokenData, bytes_per_token, load_meta, val_batches
 
 
@@ -294,8 +294,8 @@ def test_header_format_is_as_documented(data_dir):
 
 
 def test_prepared_builtin_data_reads_back_as_stories(tmp_path):
-    from data_prep.prepare import PrepareOptions, prepare
-    from data_prep.tokenizer import load_encoding
+    from storyllama.data_prep.prepare import PrepareOptions, prepare
+    from storyllama.data_prep.tokenizer import load_encoding
 
     out = tmp_path / "builtin"
     prepare(PrepareOptions(out=out, builtin=True, builtin_stories=300, tokenizer="bpe:400", shard_tokens=20_000,

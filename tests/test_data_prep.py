@@ -18,11 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tiktoken
-
-from data_prep import builtin, encode, sources
-from data_prep.prepare import MARKER_FILE, PrepareError, PrepareOptions, main, prepare
-from data_prep.shards import HEADER_BYTES, PAUSE_ENV, PAUSE_TOKENIZE_ENV, open_shard, read_header
-from data_prep.tokenizer import (
+from storyllama.data_prep import builtin, encode, sources
+from storyllama.data_prep.prepare import MARKER_FILE, PrepareError, PrepareOptions, main, prepare
+from storyllama.data_prep.shards import HEADER_BYTES, PAUSE_ENV, PAUSE_TOKENIZE_ENV, open_shard, read_header
+from storyllama.data_prep.tokenizer import (
     EOT,
     GPT2_PAT_STR,
     TokenizerError,
@@ -137,7 +136,7 @@ def test_meta_records_source_and_options(tmp_path, stories):
     assert meta["options"]["tokenizer"] == "bpe:400" and meta["options"]["shard_tokens"] > 0
     assert meta["splits"]["val"]["documents"] == 10 and meta["splits"]["train"]["documents"] == 90
     assert json.loads((tmp_path / "o" / "meta.json").read_text()) == meta
-    from data_prep.tokenizer import file_sha256
+    from storyllama.data_prep.tokenizer import file_sha256
     assert meta["tokenizer"]["sha256"] == file_sha256(tmp_path / "o" / "tokenizer.tiktoken")
 
 
@@ -204,9 +203,8 @@ def test_bpe_deterministic_and_round_trips_any_unicode(stories):
 
 def test_bpe_ranks_tokenize_like_the_trainer(stories):
     """The conversion to tiktoken ranks keeps the Hugging Face tokenizer's own segmentation."""
+    from storyllama.data_prep.tokenizer import _byte_level_chars
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
-
-    from data_prep.tokenizer import _byte_level_chars
 
     train, held_out = stories[:300], stories[300:]
     hf = Tokenizer(models.BPE())

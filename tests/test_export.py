@@ -55,7 +55,7 @@ def test_exported_greedy_continuation_matches_ours(exported):
 
 
 def test_exported_directory_carries_the_tokenizer_and_a_readme(exported):
-    from data_prep.tokenizer import load_encoding
+    from storyllama.data_prep.tokenizer import load_encoding
 
     _, hf, out = exported
     assert {p.name for p in out.iterdir()} == {"config.json", "generation_config.json", "model.safetensors",
@@ -137,9 +137,16 @@ def _stories(path: Path) -> list[str]:
 def test_exported_tokenizer_json_gives_our_ids_on_the_validation_sample(tmp_path, kind):
     import json
 
+    from storyllama.data_prep.tokenizer import (
+        EOT,
+        GPT2_PAT_STR,
+        dump_ranks,
+        file_sha256,
+        gpt2_ranks,
+        make_encoding,
+        train_bpe,
+    )
     from tokenizers import Tokenizer
-
-    from data_prep.tokenizer import EOT, GPT2_PAT_STR, dump_ranks, file_sha256, gpt2_ranks, make_encoding, train_bpe
 
     ranks = gpt2_ranks(SHARED / "gpt2.tiktoken") if kind == "gpt2" else train_bpe(_stories(TRAIN), 2048)
     data = tmp_path / "data"
@@ -297,8 +304,9 @@ def test_gguf_metadata_is_what_llama_cpp_needs(gguf_export):
 def test_gguf_carries_the_bpe_merges(tmp_path):
     import json
 
-    from data_prep.builtin import write_stories
-    from data_prep.tokenizer import EOT, GPT2_PAT_STR, dump_ranks, file_sha256, make_encoding, train_bpe
+    from storyllama.data_prep.builtin import write_stories
+    from storyllama.data_prep.tokenizer import EOT, GPT2_PAT_STR, dump_ranks, file_sha256, make_encoding, train_bpe
+
     from storyllama.gguf_export import gguf_metadata
 
     ranks = train_bpe(write_stories(100, 3), 300)

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from storyllama.data_prep.builtin import write_stories
+from storyllama.data_prep.shards import ShardWriter
+from storyllama.data_prep.tokenizer import load_encoding, write_hf_tokenizer
 
-from data_prep.builtin import write_stories
-from data_prep.shards import ShardWriter
-from data_prep.tokenizer import load_encoding, write_hf_tokenizer
 from storyllama import checkpoint
 from storyllama.config import SampleConfig
 from storyllama.importer import import_model, init_weights_from, main
@@ -187,7 +187,7 @@ def test_llama2c_import_gives_the_source_logits_and_greedy(tmp_path, tied):
     # greedy: ours (KV cache) against the reference recomputing the whole sequence each step
     enc = load_encoding(ckpt)
     assert enc.eot_token == 1  # llama2.c separates stories by BOS
-    from data_prep.tokenizer import load_hf_spec
+    from storyllama.data_prep.tokenizer import load_hf_spec
 
     assert load_hf_spec(f"hf:{run}").eot_token == 1  # what prepare_data --tokenizer hf:RUN takes
     prompt = [1] + enc.encode_ordinary("Once upon a time")
@@ -291,7 +291,7 @@ def test_out_that_is_not_an_untouched_import_is_refused(tmp_path, capsys):
 
 def prepare_with(enc, out: Path, stories: list[str]) -> Path:
     """A data directory tokenized with `enc` (what `prepare_data --tokenizer hf:RUN` writes)."""
-    from data_prep.shards import FORMAT_VERSION
+    from storyllama.data_prep.shards import FORMAT_VERSION
 
     out.mkdir(parents=True)
     splits = {}

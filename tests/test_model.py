@@ -48,7 +48,7 @@ def test_causal_future_tokens_do_not_change_past_logits():
 
 
 def test_rope_scores_depend_only_on_relative_position():
-    from kernels.rope import rope_cos_sin, rope_reference
+    from storyllama.kernels.rope import rope_cos_sin, rope_reference
 
     torch.manual_seed(0)
     D = 32
@@ -72,7 +72,7 @@ def test_gqa_with_all_kv_heads_is_multi_head_attention():
     attn = Llama(cfg).layers[0].attention.eval()
     x = torch.randn(2, 10, cfg.dim)
     cos, sin = Llama(cfg).rope_cos[:, :10], Llama(cfg).rope_sin[:, :10]
-    from kernels.rope import rope_reference
+    from storyllama.kernels.rope import rope_reference
 
     B, T, H, D = 2, 10, 4, 16
     q = rope_reference(attn.wq(x).view(B, T, H, D), cos, sin).transpose(1, 2)

@@ -289,7 +289,7 @@ def test_init_from_starts_a_fine_tune_from_a_runs_weights(builtin_data, tmp_path
     b = load_file(str(checkpoint.resolve(tuned) / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-8)
-    from data_prep.prepare import main as prepare_main
+    from storyllama.data_prep.prepare import main as prepare_main
 
     other = tmp_path / "other"
     assert prepare_main(["--builtin", "--builtin_stories", "300", "--tokenizer", "bpe:600", "--out", str(other),

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from data_prep.builtin import write_stories
-from data_prep.hf_tokenizer import HFEncoding, ranks_to_hf_tokenizer, sentencepiece_to_hf_tokenizer
-from data_prep.tokenizer import (
+from storyllama.data_prep.builtin import write_stories
+from storyllama.data_prep.hf_tokenizer import HFEncoding, ranks_to_hf_tokenizer, sentencepiece_to_hf_tokenizer
+from storyllama.data_prep.tokenizer import (
     EOT,
     GPT2_PAT_STR,
     GPT2_RANKS_SHA256,
@@ -189,7 +188,7 @@ def test_gpt2_file_with_two_ranks_swapped_is_refused_naming_both_hashes(tmp_path
     good = GPT2_FILE.read_bytes().splitlines()
     shuffled.write_bytes(b"\n".join(good[::-1]) + b"\n")
     assert len(gpt2_ranks(shuffled)) == 50_256
-    from data_prep.prepare import main as prepare_main
+    from storyllama.data_prep.prepare import main as prepare_main
 
     rc = prepare_main(["--builtin", "--builtin_stories", "20", "--tokenizer", "gpt2", "--tokenizer_file", str(bad),
                        "--out", str(tmp_path / "data"), "--num_proc", "1"])

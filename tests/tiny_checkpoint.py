@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import torch
+from storyllama.data_prep.tokenizer import EOT, GPT2_PAT_STR, TOKENIZER_FILE, dump_ranks, file_sha256
 
-from data_prep.tokenizer import EOT, GPT2_PAT_STR, TOKENIZER_FILE, dump_ranks, file_sha256
 from storyllama import checkpoint
 from storyllama.config import ModelConfig
 from storyllama.model import Llama
