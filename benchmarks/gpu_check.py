@@ -19,7 +19,7 @@ with dynamo's aot_eager backend (traces every graph, generates no code), the Tri
 interpreter, gloo for DDP: a check that the script runs (tests/test_gpu_check.py), not a measurement.
 
     python benchmarks/gpu_check.py [--dry-run]
-Installs nothing. MFU is against the dense bf16 peak of storyllama.train.peak_flops (STORYLLAMA_PEAK_TFLOPS).
+Installs nothing. MFU is against the dense bf16 peak of storyllama.metrics.peak_flops (STORYLLAMA_PEAK_TFLOPS).
 """
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ def train_throughput(name: str, kernels_on: bool, compile_on: bool, plan: Plan, 
 
     from storyllama.config import preset
     from storyllama.model import Llama
-    from storyllama.train import peak_flops
+    from storyllama.metrics import peak_flops
 
     torch.manual_seed(0)
     over = {"dropout": 0.0, **plan.model_overrides} | ({"block_size": plan.train_block} if plan.train_block else {})

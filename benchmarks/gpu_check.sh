@@ -7,7 +7,7 @@
 # `small` and `storyllama-88m`, kernels off/on x compile off/on; sampler tokens/s at batch 1 and 8, the
 # compiled (CUDA-graph) step against the eager step and the bandwidth ceiling; the NCCL world-size-1 DDP
 # overhead. Env: PYTHON=... to choose the interpreter; STORYLLAMA_PEAK_TFLOPS=... when the GPU is not in
-# storyllama.train's peak table (MFU is against the dense bf16 peak).
+# storyllama.metrics' peak table (MFU is against the dense bf16 peak).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
