@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .tokenizer import byte_level_chars
+
 HF_TOKENIZER_FILE = "tokenizer.json"
 MAX_VOCAB = 65_536
 
@@ -32,21 +34,9 @@ class HFTokenizerError(ValueError):
     """A tokenizer.json that cannot be loaded or used here; the message says which and why."""
 
 
-def _byte_level_decoder() -> dict[str, int]:
-    """Byte-level BPE's printable alphabet: character -> byte (visible Latin-1 keep their code point)."""
-    visible = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
-    table = {chr(b): b for b in visible}
-    extra = 256
-    for b in range(256):
-        if b not in visible:
-            table[chr(extra)] = b
-            extra += 1
-    return table
-
-
 def byte_level_encoder() -> dict[int, str]:
     """byte -> its character in byte-level BPE's alphabet (the inverse of the decoder table)."""
-    return {b: c for c, b in _byte_level_decoder().items()}
+    return {b: c for c, b in byte_level_chars().items()}
 
 
 def _component_types(node) -> set[str]:
@@ -140,7 +130,7 @@ class HFEncoding:
         byte_fallback = bool((conf.get("model") or {}).get("byte_fallback"))
         table: list[bytes] = [b""] * self.n_vocab
         if "ByteLevel" in decoder_types:
-            chars = _byte_level_decoder()
+            chars = byte_level_chars()
             to_bytes = lambda s: bytes(chars[c] for c in s) if all(c in chars for c in s) else s.encode()
         elif decoder_types & {"Metaspace", "Replace", "ByteFallback"}:
             def to_bytes(s: str) -> bytes:

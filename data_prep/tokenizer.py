@@ -165,7 +165,7 @@ def gpt2_ranks(tokenizer_file: str | Path | None = None) -> dict[bytes, int]:
     return ranks
 
 
-def _byte_level_chars() -> dict[str, int]:
+def byte_level_chars() -> dict[str, int]:
     """The byte-level BPE alphabet: the printable character each byte is written as -> that byte.
 
     Bytes that print as themselves (visible Latin-1 characters) keep their code point; the other 68
@@ -213,7 +213,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> dict[bytes, int]:
     if len(vocab) != n_ranks:
         raise TokenizerError(f"bpe:{vocab_size}: the training text supports only {len(vocab) + 1:,} tokens "
                              f"({len(vocab) - 256:,} merges); give more text or choose a smaller bpe:N")
-    chars = _byte_level_chars()
+    chars = byte_level_chars()
     ranks = {bytes([b]): b for b in range(256)}  # single bytes first, in byte order
     for text, _id in sorted(vocab.items(), key=lambda kv: kv[1]):  # merges in the order they were learnt
         token = bytes(chars[c] for c in text)

@@ -118,7 +118,8 @@ class Attention(nn.Module):
         else:
             k, v = self.cache.update(cache_pos, k, v)  # (B, Hkv, S, D)
             # The cache may be wider than the weights (fp32 beside bf16 weights on CPU, where bf16 SDPA is
-            # ~8x slower); attention runs in the cache's dtype. A no-op when the dtypes agree.
+            # much slower: benchmarks/test_bench_sample.py); attention runs in the cache's dtype. A no-op when
+            # the dtypes agree.
             y = attend(q.to(k.dtype), k, v, attn_mask, 0.0).to(q.dtype)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H * D)
         return F.dropout(self.wo(y), dropout, self.training)

@@ -183,7 +183,7 @@ def _compiled_decode_step(device: torch.device) -> Callable:
     mode = "reduce-overhead" if device.type == "cuda" else "default"
     if mode not in _compiled_steps:
         if mode == "default":
-            # C++ wrapper code: less Python per step (measured ~1.1x at the small shape, batch 1).
+            # C++ wrapper code: less Python per step (benchmarks/test_bench_sample.py measures it).
             _compiled_steps[mode] = torch.compile(_decode_step, dynamic=False, fullgraph=True,
                                                   options={"cpp_wrapper": True})
         else:
@@ -275,8 +275,8 @@ def generate(model: Llama, prompt_ids: list[list[int]], cfg: SampleConfig, eot_i
     presence = _presence(prompt_ids, vocab_limit, device) if params.repetition_penalty != 1.0 else None
     step = _compiled_decode_step(device) if cfg.compile else _decode_step
     out = torch.full((B, n_new), eot, dtype=torch.long, device=device)  # (B, n_new) generated ids
-    # On CPU the cache (and attention) stay fp32 whatever the weights: CPU SDPA in bf16 is ~8x slower than
-    # fp32 (measured at batch 8, 272 slots: 1.35 ms vs 0.16 ms per layer) and the cache is small.
+    # On CPU the cache (and attention) stay fp32 whatever the weights: CPU SDPA in bf16 is several times slower
+    # than fp32 (benchmarks/test_bench_sample.py) and the cache is small.
     cache_dtype = torch.float32 if device.type == "cpu" else model.lm_head_weight.dtype
     model.setup_caches(B, cache_slots(P + n_new, model.cfg.block_size), dtype=cache_dtype)
     try:

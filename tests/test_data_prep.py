@@ -203,7 +203,7 @@ def test_bpe_deterministic_and_round_trips_any_unicode(stories):
 
 def test_bpe_ranks_tokenize_like_the_trainer(stories):
     """The conversion to tiktoken ranks keeps the Hugging Face tokenizer's own segmentation."""
-    from storyllama.data_prep.tokenizer import _byte_level_chars
+    from storyllama.data_prep.tokenizer import byte_level_chars
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 
     train, held_out = stories[:300], stories[300:]
@@ -213,7 +213,7 @@ def test_bpe_ranks_tokenize_like_the_trainer(stories):
     hf.train_from_iterator(train, trainers.BpeTrainer(vocab_size=799, show_progress=False, special_tokens=[],
                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     enc = make_encoding("bpe:800", train_bpe(train, 800))
-    chars = _byte_level_chars()
+    chars = byte_level_chars()
     for doc in held_out:
         hf_pieces = [bytes(chars[c] for c in tok) for tok in hf.encode(doc).tokens]
         assert [enc.decode_single_token_bytes(t) for t in enc.encode_ordinary(doc)] == hf_pieces

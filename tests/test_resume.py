@@ -298,3 +298,14 @@ def test_init_from_starts_a_fine_tune_from_a_runs_weights(builtin_data, tmp_path
     assert train_main(["--data", str(other), "--out", str(tmp_path / "t2"), "--init_from", str(base),
                        "--total_iters", "2", "--device", "cpu"]) == 2
     assert "its tokenizer" in capsys.readouterr().err and not (tmp_path / "t2" / "checkpoints").exists()
+
+
+def test_wandb_without_a_login_says_how_before_writing_anything(builtin_data, tmp_path, monkeypatch, capsys):
+    for var in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    out = tmp_path / "run"
+    assert train_main(args(builtin_data, out, "--batch_size", "2", "--total_iters", "1", "--wandb")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "wandb login" in err[-1] and "WANDB_MODE=offline" in err[-1] and not out.exists()
