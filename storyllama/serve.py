@@ -38,6 +38,9 @@ from pathlib import Path
 DEFAULT_RUN = "runs/demo"
 MODES = ("sample", "greedy", "beam")
 MAX_STORIES, MAX_BEAMS = 8, 16
+# Seconds between updates of the page while a story is written: each update costs the decoding thread CPU
+# time (the GIL, Gradio's diff and send), which matters for small models that decode hundreds of tokens/s.
+STREAM_EVERY = 0.2
 
 
 class ServeError(ValueError):
@@ -248,7 +251,7 @@ def write(store: ModelStore, model_path: str, prompt: str, mode: str, temperatur
     worker.start()
     seen = -1
     while worker.is_alive():
-        worker.join(0.05)
+        worker.join(STREAM_EVERY if seen >= 0 else 0.01)  # the first text as soon as it exists
         with guard:
             if state["version"] != seen:
                 seen = state["version"]
