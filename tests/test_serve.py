@@ -211,3 +211,25 @@ def test_in_a_real_browser(server, run_dir, tmp_path):
         finally:
             browser.close()
     assert (tmp_path / "write.png").stat().st_size > 0 and (tmp_path / "watch.png").stat().st_size > 0
+
+
+def test_concurrent_writes_are_queued_not_mixed(client, run_dir):
+    """Two users at once on one model: each gets exactly the story it would get alone."""
+    prompts = ["Lily had a", "The dog ran"]
+    alone = [write(client, str(run_dir), prompt=p, mode="greedy", max_length=50)[0] for p in prompts]
+    k = {**KNOBS, "max_length": 50}
+    jobs = [client.submit(str(run_dir), p, "greedy", k["temperature"], k["top_k"], k["top_p"], k["repetition_penalty"],
+                          k["max_length"], k["seed"], 1, 3, 1.0, api_name="/write") for p in prompts]
+    assert [j.result()[0] for j in jobs] == alone
+
+
+def test_a_transformers_directory_writes_the_runs_story(client, run_dir, tmp_path):
+    """bin/export's transformers directory is imported once by the page and writes the run's greedy story."""
+    pytest.importorskip("transformers", reason="transformers is needed to write the tokenizer.json of the export")
+    from storyllama.export import main as export_main
+
+    hf = tmp_path / "hf"
+    assert export_main(["--run", str(run_dir), "--out", str(hf)]) == 0
+    ours, _ = write(client, str(run_dir), prompt="Lily had a", mode="greedy", max_length=30)
+    theirs, status = write(client, str(hf), prompt="Lily had a", mode="greedy", max_length=30)
+    assert theirs == ours, status
