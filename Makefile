@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.13.0
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench lint clean serve
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -20,6 +20,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# The Story studio on the demo run (trained first when it has no checkpoint), at http://127.0.0.1:7860
+serve: $(STAMP)
+	$(BIN)/python -c "import gradio" 2>/dev/null || $(BIN)/pip install -q -e '.[serve]'
+	test -f runs/demo/checkpoints/latest || $(BIN)/python -m storyllama.demo
+	$(BIN)/python bin/serve --run runs/demo $(SERVE_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bin/bench

@@ -193,6 +193,8 @@ class SampleConfig:
     top_p: float | None = None
     repetition_penalty: float = 1.0
     num_samples: int = 1
+    num_beams: int = 1  # > 1: beam search (deterministic; temperature, top-k and top-p do not apply)
+    length_penalty: float = 1.0  # beam search: a hypothesis scores sum(log p) / length ** length_penalty
     seed: int | None = None
     dtype: str = "float32"
     compile: bool = False
@@ -213,6 +215,13 @@ class SampleConfig:
             raise ValueError(f"--repetition_penalty must be positive, got {self.repetition_penalty}")
         if self.max_new_tokens <= 0 or self.num_samples <= 0:
             raise ValueError("--max_new_tokens and --num_samples must be positive")
+        if self.num_beams < 1:
+            raise ValueError(f"--num_beams must be at least 1, got {self.num_beams}")
+        if not math.isfinite(self.length_penalty):
+            raise ValueError(f"--length_penalty must be a finite number, got {self.length_penalty}")
+        if self.num_beams > 1 and self.num_samples > self.num_beams:
+            raise ValueError(f"--num_samples ({self.num_samples}) cannot exceed --num_beams ({self.num_beams}): "
+                             "beam search returns at most one story per beam")
 
 
 # The seed project's flag names, kept usable beside the clear ones.

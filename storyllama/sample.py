@@ -23,6 +23,8 @@ token.
 Public API:
     generate(model, prompt_ids, cfg, eot_id, vocab_limit, on_token=None, stats=None) -> list[list[int]]
     generate_recompute(model, prompt_ids, cfg, eot_id, vocab_limit) -> list[list[int]]
+    beam_search(model, prompt, cfg, eot_id, vocab_limit, on_step=None, stats=None) -> list[Hypothesis]
+    beam_search_recompute(model, prompt, cfg, eot_id, vocab_limit) -> list[Hypothesis]   (its reference)
     prepare_for_decoding(model) -> model      (storyllama.cpu_decode: oneDNN-packed weights; bin/sample applies it)
     prefill, decode_one_token, sample_one_no_sync, apply_repetition_penalty
     main(argv) -> exit code      (bin/sample)
@@ -263,6 +265,8 @@ def generate(model: Llama, prompt_ids: list[list[int]], cfg: SampleConfig, eot_i
     prefill_s, decode_s, new_tokens (per row, including the first from the prefill) and batch.
     cfg.compile compiles the decode step (see _compiled_decode_step; the first call per shape compiles).
     """
+    if cfg.num_beams > 1:
+        raise ValueError("generate samples; for num_beams > 1 call beam_search (one prompt at a time)")
     device = model.lm_head_weight.device
     params = SamplingParams.of(cfg)
     B, P, n_new = len(prompt_ids), max((len(p) for p in prompt_ids), default=0), cfg.max_new_tokens
@@ -357,6 +361,199 @@ def generate_recompute(model: Llama, prompt_ids: list[list[int]], cfg: SampleCon
     return _trim(seq[:, P:].tolist(), eot_id)
 
 
+# -- beam search -----------------------------------------------------------------------------------------
+@dataclass
+class Hypothesis:
+    """A finished beam: its tokens (EOT excluded), sum of log-probabilities (EOT's included) and its score."""
+
+    tokens: list[int]
+    logprob: float
+    score: float
+    stop: str  # "eot" or "length"
+
+
+def _beam_score(logprob: float, length: int, length_penalty: float) -> float:
+    """sum(log p) / length ** alpha, length counting every scored token (the EOT too): as in transformers."""
+    return logprob / length ** length_penalty
+
+
+class _Finished:
+    """The best `n` finished hypotheses so far, best first."""
+
+    def __init__(self, n: int, length_penalty: float):
+        self.n, self.alpha, self.hyps = n, length_penalty, []
+
+    def add(self, tokens: list[int], logprob: float, length: int, stop: str) -> None:
+        self.hyps.append(Hypothesis(tokens, logprob, _beam_score(logprob, length, self.alpha), stop))
+        self.hyps.sort(key=lambda h: -h.score)
+        del self.hyps[self.n:]
+
+    def cannot_improve(self, best_running: float, cur_len: int, max_len: int) -> bool:
+        """True when no running beam can still beat the worst kept hypothesis (so beam search may stop).
+
+        A running beam's sum of log-probabilities s only falls as it grows; with alpha > 0 its best reachable
+        score is s / max_len ** alpha (the longest length), with alpha <= 0 it is s / cur_len ** alpha."""
+        if len(self.hyps) < self.n:
+            return False
+        bound = best_running / (max_len if self.alpha > 0 else cur_len) ** self.alpha
+        return self.hyps[-1].score >= bound
+
+
+def _select_beams(scores: torch.Tensor, logprobs: torch.Tensor, n_beams: int, eot: int
+                  ) -> tuple[list[tuple[int, int, float]], list[tuple[int, int, float]]]:
+    """One beam step on the host: scores (N,) running sums, logprobs (N, V) of the next token.
+
+    Looks at the 2N best (beam, token) continuations: those ending in EOT become candidates for the finished
+    list, the best N others the next beams. Returns (finished, running), each [(parent, token, new sum)].
+    Continuations of -inf (padding beams, masked tokens) are dropped."""
+    N, V = logprobs.shape
+    total = (scores[:, None] + logprobs).view(-1)  # (N * V,)
+    top, flat = torch.topk(total, min(2 * n_beams, N * V))  # (2N,) each
+    finished, running = [], []
+    for value, f in zip(top.tolist(), flat.tolist()):
+        if value == float("-inf"):
+            break
+        parent, token = divmod(f, V)
+        if token == eot:
+            finished.append((parent, token, value))
+        elif len(running) < n_beams:
+            running.append((parent, token, value))
+    return finished, running
+
+
+def _beam_search_core(next_logprobs: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+                      first_logprobs: torch.Tensor, cfg: SampleConfig, eot_id: int | None, vocab_limit: int,
+                      device: torch.device, on_step: Callable[[list[int]], None] | None) -> list[Hypothesis]:
+    """The search, independent of how log-probabilities are computed (cached or recomputed).
+
+    first_logprobs (1, V): the prompt's next-token log-probabilities. next_logprobs(tokens (N, 1), parents
+    (N,) or None) -> (N, V): the next log-probabilities of each beam after it takes its token, beam i
+    continuing beam parents[i] (the caller reorders its state, e.g. the KV cache rows)."""
+    N, n_new, alpha = cfg.num_beams, cfg.max_new_tokens, cfg.length_penalty
+    eot = -1 if eot_id is None else eot_id
+    done = _Finished(N, alpha)
+    seqs: list[list[int]] = [[]]
+    scores = torch.zeros(1, device=device)  # (R,) running sums; one beam before the first token
+    logprobs = first_logprobs
+    for length in range(1, n_new + 1):
+        finished, running = _select_beams(scores, logprobs, N, eot)
+        for parent, _, value in finished:
+            done.add(seqs[parent], value, length, "eot")
+        if not running:
+            break
+        seqs = [seqs[p] + [t] for p, t, _ in running]
+        if length == n_new:  # out of room: the running beams end here
+            for s, (_, _, value) in zip(seqs, running):
+                done.add(s, value, length, "length")
+            break
+        if done.cannot_improve(running[0][2], length, n_new):
+            break
+        if on_step is not None:
+            on_step(seqs[0])
+        # Pad to N rows with copies of beam 0 at -inf, so the batch (and the cache) keeps N rows.
+        rows = running + [(running[0][0], running[0][1], float("-inf"))] * (N - len(running))
+        parents = torch.tensor([p for p, _, _ in rows], dtype=torch.long, device=device)  # (N,)
+        tokens = torch.tensor([[t] for _, t, _ in rows], dtype=torch.long, device=device)  # (N, 1)
+        scores = torch.tensor([v for _, _, v in rows], device=device)  # (N,)
+        seqs = seqs + [seqs[0]] * (N - len(running))
+        logprobs = next_logprobs(tokens, parents)
+    return done.hyps
+
+
+def _beam_logprobs(logits: torch.Tensor, presence: torch.Tensor | None, penalty: float) -> torch.Tensor:
+    """Log-probabilities (fp32) of logits (B, V) after the repetition penalty (the scores beam search sums)."""
+    if presence is not None:
+        logits = apply_repetition_penalty(logits, presence, penalty)
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+@torch.inference_mode()
+def beam_search(model: Llama, prompt: list[int], cfg: SampleConfig, eot_id: int | None, vocab_limit: int,
+                on_step: Callable[[list[int]], None] | None = None, stats: dict | None = None) -> list[Hypothesis]:
+    """Beam search of cfg.num_beams beams on the KV cache; the finished hypotheses, best first.
+
+    The prompt is prefilled once (batch 1) and its cache rows copied to the N beams; each step decodes one
+    token per beam and reorders the cache rows (index_select) to follow the surviving beams, nothing is
+    recomputed. A beam stops at EOT (`eot_id`; None: only at max_new_tokens). Scores are sums of
+    log-probabilities (after the repetition penalty, when set) over length ** cfg.length_penalty; the search
+    stops early once no running beam can beat the N-th finished one. Temperature, top-k, top-p and the seed
+    do not apply. `on_step(tokens)` receives the best running beam after each step; `stats` as in generate.
+    """
+    device = model.lm_head_weight.device
+    N, P, n_new = cfg.num_beams, len(prompt), cfg.max_new_tokens
+    check_fits(model, P, n_new)
+    if vocab_limit > model.cfg.vocab_size:
+        raise ValueError(f"tokenizer vocabulary ({vocab_limit}) is larger than the model's ({model.cfg.vocab_size})")
+    idx, pad = _left_pad([prompt], device)
+    penalty = cfg.repetition_penalty
+    presence = _presence([prompt], vocab_limit, device) if penalty != 1.0 else None
+    cache_dtype = torch.float32 if device.type == "cpu" else model.lm_head_weight.dtype
+    S = cache_slots(P + n_new, model.cfg.block_size)
+    try:
+        t0 = time.perf_counter()
+        model.setup_caches(1, S, dtype=cache_dtype)
+        first = _beam_logprobs(prefill(model, idx, pad, vocab_limit), presence, penalty)  # (1, V)
+        if N > 1:  # (with one beam the batch-1 cache is the beams' cache: setup_caches would zero it)
+            prompt_kv = [(layer.attention.cache.k, layer.attention.cache.v) for layer in model.layers]
+            model.setup_caches(N, S, dtype=cache_dtype)
+            for layer, (k, v) in zip(model.layers, prompt_kv):  # the one prefill shared by every beam
+                layer.attention.cache.k.copy_(k.expand_as(layer.attention.cache.k))  # (1, ...) -> (N, ...)
+                layer.attention.cache.v.copy_(v.expand_as(layer.attention.cache.v))
+        if presence is not None:
+            presence = presence.expand(N, -1).clone()  # (N, V)
+        _sync(device)
+        t1 = time.perf_counter()
+        pad_n = torch.zeros(N, 1, dtype=torch.long, device=device)
+        cache_pos = torch.tensor([P], dtype=torch.long, device=device)
+        steps = [0]
+
+        def next_logprobs(tokens: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
+            nonlocal presence
+            for layer in model.layers:  # each beam continues its parent's cache rows
+                c = layer.attention.cache
+                c.k.copy_(c.k.index_select(0, parents))
+                c.v.copy_(c.v.index_select(0, parents))
+            if presence is not None:
+                presence = presence.index_select(0, parents).scatter_(1, tokens, True)
+            logits = decode_one_token(model, tokens, cache_pos, pad_n, vocab_limit)  # (N, V)
+            cache_pos.add_(1)
+            steps[0] += 1
+            return _beam_logprobs(logits, presence, penalty)
+
+        hyps = _beam_search_core(next_logprobs, first, cfg, eot_id, vocab_limit, device, on_step)
+        _sync(device)
+        t2 = time.perf_counter()
+    finally:
+        model.clear_caches()
+    if stats is not None:
+        stats.update(prefill_s=t1 - t0, decode_s=t2 - t1, new_tokens=steps[0] + 1, batch=N, prompt_tokens=P)
+    return hyps
+
+
+@torch.inference_mode()
+def beam_search_recompute(model: Llama, prompt: list[int], cfg: SampleConfig, eot_id: int | None,
+                          vocab_limit: int) -> list[Hypothesis]:
+    """The reference without a cache: every step runs each beam's whole sequence through the model."""
+    device = model.lm_head_weight.device
+    check_fits(model, len(prompt), cfg.max_new_tokens)
+    penalty = cfg.repetition_penalty
+    seq = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, P)
+    presence = _presence([prompt], vocab_limit, device) if penalty != 1.0 else None
+
+    def logprobs_of(seq: torch.Tensor, presence: torch.Tensor | None) -> torch.Tensor:
+        logits = lm_head_logits(model, model.hidden_states(seq)[:, -1], vocab_limit)  # (B, V)
+        return _beam_logprobs(logits, presence, penalty)
+
+    def next_logprobs(tokens: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
+        nonlocal seq, presence
+        seq = torch.cat([seq[parents], tokens], dim=1)  # (N, T + 1)
+        if presence is not None:
+            presence = presence.expand(len(parents), -1)[parents].scatter_(1, tokens, True)
+        return logprobs_of(seq, presence)
+
+    return _beam_search_core(next_logprobs, logprobs_of(seq, presence), cfg, eot_id, vocab_limit, device, None)
+
+
 # -- streaming text --------------------------------------------------------------------------------------
 class TextStream:
     """Token ids -> text, printing only complete UTF-8 characters (a character may span tokens)."""
@@ -439,6 +636,16 @@ def main(argv: list[str] | None = None, prog: str = "sample") -> int:
 def _write_stories(model: Llama, enc, prompts: list[list[int]], cfg: SampleConfig, stats: dict) -> None:
     """Generate and print: one story streams as it is written; several print one after another."""
     eot_id = enc.eot_token
+    if cfg.num_beams > 1:
+        # Beam search: one prompt at a time, the num_samples best beams of each, best first.
+        for prompt_no, prompt in enumerate(prompts):
+            hyps = beam_search(model, prompt, cfg, eot_id, enc.n_vocab, stats=stats)
+            for rank, h in enumerate(hyps[:cfg.num_samples]):
+                print(f"--- prompt {prompt_no + 1}, beam {rank + 1}: score {h.score:.3f}, log p {h.logprob:.2f}, "
+                      f"stop: {h.stop} ---")
+                print(cfg.prompt[prompt_no] + enc.decode(h.tokens))
+        sys.stdout.flush()
+        return
     rows = [p for p in prompts for _ in range(cfg.num_samples)]
     if len(rows) == 1:
         # One story: stream it as it is written.
