@@ -183,8 +183,8 @@ def train_throughput(name: str, kernels_on: bool, compile_on: bool, plan: Plan, 
     import torch.distributed as dist
 
     from storyllama.config import preset
-    from storyllama.model import Llama
     from storyllama.metrics import peak_flops
+    from storyllama.model import Llama
 
     torch.manual_seed(0)
     over = {"dropout": 0.0, **plan.model_overrides} | ({"block_size": plan.train_block} if plan.train_block else {})
