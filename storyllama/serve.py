@@ -342,8 +342,8 @@ def watch(path: str):
     if samples:
         sample_md = "\n\n".join(f"**step {r['step']}:** {r['sample']}" for r in samples[-3:][::-1])
     else:
-        sample_md = ("No evaluation samples in metrics.jsonl: bin/train prints them to its console only. "
-                     "Write one with the latest checkpoint in the Write tab.")
+        sample_md = ("No evaluation samples in metrics.jsonl yet (bin/train logs one at each evaluation unless "
+                     "--sample_tokens 0). Write one with the latest checkpoint in the Write tab.")
     return curves, "\n\n".join(lines), ckpts, sample_md
 
 

@@ -541,10 +541,12 @@ def evaluate_and_log(run: Run, prog: Progress, metrics: Metrics | None) -> bool:
     prog.best_val = min(prog.best_val, val)
     if metrics is not None:
         bpb = val / math.log(2) / bytes_per_token(run.meta, "val")
-        metrics.val({"step": prog.step, "val_loss": val, "val_bpb": bpb, "tokens": prog.tokens_seen})
+        rec = {"step": prog.step, "val_loss": val, "val_bpb": bpb, "tokens": prog.tokens_seen}
         log.info("step %d: val loss %.4f, %.4f bits per byte%s", prog.step, val, bpb, " (best)" if is_best else "")
         if run.cfg.sample_tokens > 0:
-            log.info("  sample: %s", sample_text(run).replace("\n", " "))
+            rec["sample"] = sample_text(run)  # bin/serve's Watch tab shows the latest
+            log.info("  sample: %s", rec["sample"].replace("\n", " "))
+        metrics.val(rec)
     return is_best
 
 

@@ -46,7 +46,7 @@ def run_dir(builtin_data, tmp_path_factory) -> Path:
     assert train_main(["--data", str(builtin_data), "--out", str(out), "--preset", "tiny", "--dim", "64",
                        "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2", "--hidden_dim", "128",
                        "--block_size", "128", "--batch_size", "4", "--total_iters", "12", "--eval_interval", "6",
-                       "--eval_iters", "2", "--save_interval", "6", "--sample_tokens", "0", "--device", "cpu",
+                       "--eval_iters", "2", "--save_interval", "6", "--sample_tokens", "8", "--device", "cpu",
                        "--log_interval", "1", "--max_lr", "3e-3", "--warmup_iters", "2"]) == 0
     return out
 
@@ -135,6 +135,7 @@ def test_watch_api_reads_the_run(client, run_dir):
     assert names == ["step_000006", "step_000012"], ckpts
     assert all(row[3] is not None and row[3] > 0 for row in ckpts["data"])  # val bits/byte of each
     assert "latest" in ckpts["data"][-1][4]
+    assert "**step 12:** Once upon a time" in samples  # the story the trainer sampled at its last evaluation
     series = {row[plot["headers"].index("series")] for row in plot["value"]["data"]} if "value" in plot else None
     assert series in ({"train", "validation"}, None)
     _, summary, _, _ = client.predict("/no/such/run", api_name="/watch")
