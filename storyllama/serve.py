@@ -177,26 +177,34 @@ def _join(prompt: str, texts: list[str]) -> str:
     return "\n\n".join(f"--- story {i + 1} ---\n{prompt}{t}" for i, t in enumerate(texts))
 
 
+def _load_and_encode(store: ModelStore, model_path: str, prompt: str, max_new_tokens: int) -> tuple:
+    """(the loaded model, the prompt's ids), or ServeError saying what is wrong with them."""
+    from storyllama.sample import check_fits
+
+    lm = store.get(model_path)
+    ids = lm.enc.encode(prompt, allowed_special="all") or [lm.enc.eot_token]  # empty: a story from scratch
+    try:
+        check_fits(lm.model, len(ids), max_new_tokens)
+    except ValueError as e:
+        raise ServeError(str(e).replace("--max_new_tokens", "max length")) from None
+    return lm, ids
+
+
 def write(store: ModelStore, model_path: str, prompt: str, mode: str, temperature=0.8, top_k=0, top_p=1.0,
           repetition_penalty=1.0, max_length=200, seed=-1, stories=1, beams=4, length_penalty=1.0):
     """Generator of (story text, status line): the stories as they are written, then the final numbers."""
-    from storyllama.sample import TextStream, beam_search, check_fits, generate
+    from storyllama.sample import TextStream, beam_search, generate
 
     t_start = time.perf_counter()
+    prompt = prompt or ""
     try:
         cfg = sample_config(mode, temperature, top_k, top_p, repetition_penalty, max_length, seed, stories, beams,
                             length_penalty)
-        lm = store.get(model_path)
-        enc, eot = lm.enc, lm.enc.eot_token
-        prompt = prompt or ""
-        ids = enc.encode(prompt, allowed_special="all") or [eot]  # an empty prompt starts a story from scratch
-        try:
-            check_fits(lm.model, len(ids), cfg.max_new_tokens)
-        except ValueError as e:
-            raise ServeError(str(e).replace("--max_new_tokens", "max length")) from None
+        lm, ids = _load_and_encode(store, model_path, prompt, cfg.max_new_tokens)
     except ServeError as e:
         yield "", f"error: {e}"
         return
+    enc, eot = lm.enc, lm.enc.eot_token
 
     n_rows = cfg.num_samples
     texts = [""] * n_rows
