@@ -229,10 +229,8 @@ def write(store: ModelStore, model_path: str, prompt: str, mode: str, temperatur
             state["first"] = state["first"] or time.perf_counter()
             state["version"] += 1
 
-    def append(i: int, s: str) -> None:
-        texts[i] += s
-
-    streams = [TextStream(enc.decode_single_token_bytes, lambda s, i=i: append(i, s)) for i in range(n_rows)]
+    streams = [TextStream(enc.decode_single_token_bytes, lambda s, i=i: texts.__setitem__(i, texts[i] + s))
+               for i in range(n_rows)]
 
     def work() -> None:
         try:
