@@ -206,9 +206,8 @@ def write(store: ModelStore, model_path: str, prompt: str, mode: str, temperatur
         return
     enc, eot = lm.enc, lm.enc.eot_token
 
-    n_rows = cfg.num_samples
-    texts = [""] * n_rows
-    stopped = [None] * n_rows
+    texts = [""] * cfg.num_samples
+    stopped = [None] * cfg.num_samples
     state = {"first": None, "error": None, "stats": {}, "version": 0}
     guard = threading.Lock()
 
@@ -230,7 +229,7 @@ def write(store: ModelStore, model_path: str, prompt: str, mode: str, temperatur
             state["version"] += 1
 
     streams = [TextStream(enc.decode_single_token_bytes, lambda s, i=i: texts.__setitem__(i, texts[i] + s))
-               for i in range(n_rows)]
+               for i in range(cfg.num_samples)]
 
     def work() -> None:
         try:
@@ -239,14 +238,15 @@ def write(store: ModelStore, model_path: str, prompt: str, mode: str, temperatur
                 if cfg.num_beams > 1 or mode == "beam":
                     hyps = beam_search(lm.model, ids, cfg, eot, enc.n_vocab, on_step=on_step, stats=state["stats"])
                     with guard:
-                        kept = hyps[:n_rows]
+                        kept = hyps[:cfg.num_samples]
                         for i, h in enumerate(kept):
                             texts[i] = enc.decode(h.tokens)
                             stopped[i] = "end of story" if h.stop == "eot" else "max length"
                         del texts[len(kept):]
                         state["beam_scores"] = [h.score for h in kept]
                 else:
-                    generate(lm.model, [ids] * n_rows, cfg, eot, enc.n_vocab, on_token=on_token, stats=state["stats"])
+                    generate(lm.model, [ids] * cfg.num_samples, cfg, eot, enc.n_vocab, on_token=on_token,
+                             stats=state["stats"])
                     with guard:
                         for s in streams:
                             s.close()
