@@ -194,7 +194,6 @@ def write(store: ModelStore, model_path: str, prompt: str, mode: str, temperatur
           repetition_penalty=1.0, max_length=200, seed=-1, stories=1, beams=4, length_penalty=1.0):
     """Generator of (story text, status line): the stories as they are written, then the final numbers."""
     from storyllama.sample import TextStream, beam_search, generate
-
     t_start = time.perf_counter()
     prompt = prompt or ""
     try:
