@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import json
 import logging
 import math
@@ -83,7 +84,7 @@ def resolve_config(cfg: TrainConfig, args: argparse.Namespace) -> tuple[TrainCon
         return cfg, None, {}
     state = checkpoint.load_state(ckpt)
     saved = {k: v for k, v in state.get("train_config", {}).items() if k in {f.name for f in fields(TrainConfig)}}
-    now = {k: v for k, v in given(args, TrainConfig).items()}
+    now = given(args, TrainConfig)
     merged = {**saved, **{k: getattr(cfg, k) for k in _PER_INVOCATION}, **now}
     if "epochs" in now:  # --epochs given now sets the length again
         merged.pop("total_iters", None)
@@ -554,11 +555,10 @@ def sample_text(run: Run) -> str:
     """A story from the current weights, sampled on a copy of the model: the KV cache the sampler attaches
     never touches the module being trained (its compiled graph keeps its guards)."""
     from storyllama.config import SampleConfig
-    from storyllama.data_prep.tokenizer import load_encoding
     from storyllama.sample import generate
 
     cfg = run.cfg
-    enc = load_encoding(run.data_dir)
+    enc = _encoding(str(run.data_dir))
     prompt = enc.encode_ordinary(cfg.prompt)
     room = run.mcfg.block_size - len(prompt)
     if room <= 0:
@@ -568,6 +568,14 @@ def sample_text(run: Run) -> str:
     sampler = copy.deepcopy(run.raw_model).eval()
     out = generate(sampler, [prompt], scfg, eot_id=enc.eot_token, vocab_limit=enc.n_vocab)
     return cfg.prompt + enc.decode([t for t in out[0] if t < enc.n_vocab and t != enc.eot_token])
+
+
+@functools.lru_cache(maxsize=2)
+def _encoding(data_dir: str):
+    """The data's tokenizer, read once per run rather than at every evaluation."""
+    from storyllama.data_prep.tokenizer import load_encoding
+
+    return load_encoding(data_dir)
 
 
 def save(run: Run, prog: Progress, is_best: bool = False) -> Path | None:
