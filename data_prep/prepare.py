@@ -216,7 +216,7 @@ def _check_complete(out: Path, meta: dict) -> None:
             counts = [read_header(out / name)[1] for name in info["shards"]]
             if sum(counts) != info["tokens"]:
                 raise ShardError(f"the {split} shards hold {sum(counts):,} tokens, meta.json says {info['tokens']:,}")
-            for name, count in zip(info.get("masks", []), counts, strict=True):
+            for name, count in zip(info["masks"], counts, strict=True) if "masks" in info else ():
                 if read_header(out / name, MASK_MAGIC)[1] != count:
                     raise ShardError(f"{out / name} does not hold one entry per token of its shard")
     except (ShardError, KeyError, TypeError) as e:
