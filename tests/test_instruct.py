@@ -113,6 +113,19 @@ def test_loss_mask_excludes_exactly_the_request_tokens(tmp_path, builtin_data):
     story_bytes = sum(len(p["story"].encode()) for p in pairs)
     assert meta["splits"]["train"]["bytes"] == story_bytes
     assert bytes_per_token(meta, "train") == story_bytes / sum(expected_mask)
+    # the masks are part of the finished output: the same command again finds it complete, a lost mask is damage
+    train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    again = ["--train", str(train), "--val", str(val), "--instruct", *tok, "--out", str(data), "--num_proc", "1"]
+    assert prepare_main(again) == 0
+    (data / "val_000000.mask").unlink()
+    assert prepare_main(again) == 2
+
+
+def test_a_jsonl_pair_without_a_story_names_its_line(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"request": "a frog", "story": "A frog."}) + "\n" + json.dumps({"request": "x"}) + "\n")
+    with pytest.raises(InstructError, match=r"pairs.jsonl line 2 has no non-empty string 'story'"):
+        list(read_pairs(path))
 
 
 def test_sampler_request_is_the_training_template(tmp_path, builtin_data):
