@@ -573,13 +573,13 @@ def evaluate_and_log(run: Run, prog: Progress, metrics: Metrics | None) -> bool:
     is_best = val < prog.best_val
     prog.best_val = min(prog.best_val, val)
     if metrics is not None:
-        bpt = math.log(2) * bytes_per_token(run.meta, "val")
-        rec = {"step": prog.step, "val_loss": vals[0], "val_bpb": vals[0] / bpt, "tokens": prog.tokens_seen}
+        bpb = [v / math.log(2) / bytes_per_token(run.meta, "val") for v in vals]
+        rec = {"step": prog.step, "val_loss": vals[0], "val_bpb": bpb[0], "tokens": prog.tokens_seen}
         ema = ""
         if run.ema is not None:
-            rec.update(val_loss_ema=vals[1], val_bpb_ema=vals[1] / bpt)
-            ema = f"; EMA {vals[1]:.4f}, {vals[1] / bpt:.4f} bits per byte"
-        log.info("step %d: val loss %.4f, %.4f bits per byte%s%s", prog.step, vals[0], vals[0] / bpt, ema,
+            rec.update(val_loss_ema=vals[1], val_bpb_ema=bpb[1])
+            ema = f"; EMA {vals[1]:.4f}, {bpb[1]:.4f} bits per byte"
+        log.info("step %d: val loss %.4f, %.4f bits per byte%s%s", prog.step, vals[0], bpb[0], ema,
                  " (best)" if is_best else "")
         if run.cfg.sample_tokens > 0:
             rec["sample"] = sample_text(run)  # bin/serve's Watch tab shows the latest
