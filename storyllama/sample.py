@@ -594,6 +594,9 @@ def build_parser(prog: str = "sample") -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="run directory: samples from its latest checkpoint")
     src.add_argument("--checkpoint", help="a checkpoint directory (RUN_DIR/checkpoints/step_NNNNNN)")
+    p.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
+                   help="ema: the averaged weights of a run trained with --ema_decay; raw: the trained ones; auto "
+                   "(default): ema when the checkpoint has them")
     add_dataclass_args(p, SampleConfig, prefix_help="sampling")
     req = p.add_argument_group("story request (a model tuned on requests: bin/prepare_data --instruct; the prompt is "
                                "the request, and --prompt, if given, the story's first words)")
@@ -604,14 +607,14 @@ def build_parser(prog: str = "sample") -> argparse.ArgumentParser:
     return p
 
 
-def load_for_sampling(path: str, device: torch.device, dtype: torch.dtype):
+def load_for_sampling(path: str, device: torch.device, dtype: torch.dtype, weights: str = "auto"):
     """(model in eval mode with weights in `dtype`, tiktoken encoding, checkpoint dir). The model's ops are
     the Triton kernels on CUDA and the reference ops elsewhere (storyllama.kernels.resolve_backend("auto"))."""
     from storyllama.checkpoint import load_model
     from storyllama.data_prep.tokenizer import load_encoding
     from storyllama.kernels import resolve_backend
 
-    model, ckpt = load_model(path, device=device, kernels=resolve_backend("auto", device))
+    model, ckpt = load_model(path, device=device, kernels=resolve_backend("auto", device), weights=weights)
     # Cast the weights only: the RoPE tables stay fp32 (model.to(dtype) would round them).
     for p in model.parameters():
         p.data = p.data.to(dtype)
@@ -619,7 +622,7 @@ def load_for_sampling(path: str, device: torch.device, dtype: torch.dtype):
 
 
 def main(argv: list[str] | None = None, prog: str = "sample") -> int:
-    from storyllama.checkpoint import CheckpointError
+    from storyllama.checkpoint import EMA_WEIGHTS, CheckpointError, weights_file
     from storyllama.data_prep.tokenizer import TokenizerError
 
     ns = build_parser(prog).parse_args(argv)
@@ -630,7 +633,10 @@ def main(argv: list[str] | None = None, prog: str = "sample") -> int:
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 weights: TF32 tensor cores for the matmuls
             torch.backends.cudnn.allow_tf32 = True
-        model, enc, ckpt = load_for_sampling(ns.run or ns.checkpoint, device, dtype)
+        model, enc, ckpt = load_for_sampling(ns.run or ns.checkpoint, device, dtype, ns.weights)
+        if weights_file(ckpt, ns.weights) == EMA_WEIGHTS:
+            print(f"[{ckpt}] sampling from the EMA weights ({EMA_WEIGHTS}; --weights raw for the trained ones)",
+                  file=sys.stderr)
         eot_id = enc.eot_token
         if ns.words is not None or ns.features is not None or ns.summary is not None:
             # The prompt is the request; --prompt, when given, is the story's first words (printed with the story).

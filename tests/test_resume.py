@@ -186,9 +186,11 @@ def test_clip_zero_means_no_clipping(builtin_data, tmp_path):
     assert any(not torch.equal(runs["0"][k], runs["1e-6"][k]) for k in runs["0"])
 
 
-def test_the_training_step_never_reads_the_device(builtin_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("recipe", [[], ["--optimizer", "muon", "--ema_decay", "0.9"]], ids=["adamw", "muon_ema"])
+def test_the_training_step_never_reads_the_device(builtin_data, tmp_path, monkeypatch, recipe):
     """Every way a tensor's value reaches Python (item, tolist, bool, float, int) is counted while the loop is
-    inside train_step; the loop's own reads go through one counted helper, at log steps only."""
+    inside train_step; the loop's own reads go through one counted helper, at log steps only. Also with Muon
+    (its skip is a select on the device) and the EMA update."""
     import storyllama.train as T
 
     calls: list[str] = []
@@ -213,7 +215,8 @@ def test_the_training_step_never_reads_the_device(builtin_data, tmp_path, monkey
 
     monkeypatch.setattr(T, "train_step", watched)
     cfg, ns = T.parse_config(args(builtin_data, tmp_path / "run", "--batch_size", "2", "--total_iters", "12",
-                                  "--log_interval", "4", "--save_interval", "1000", "--total_batch_size", "256"))
+                                  "--log_interval", "4", "--save_interval", "1000", "--total_batch_size", "256",
+                                  *recipe))
     summary = T.train(cfg, ns)
     assert summary["step"] == 12 and calls == [], calls
     assert summary["host_reads"]["report"] == 3  # steps 4, 8, 12
