@@ -275,9 +275,6 @@ def build_run(cfg: TrainConfig, args: argparse.Namespace, d: Dist, device: torch
     if cfg.zero_init and ckpt is None and init_from is None:  # an init choice: fresh runs only
         raw_model.zero_output_projections()
     optimizer = build_optimizer(raw_model, cfg, device)
-    if cfg.optimizer == "muon" and device.type == "cpu" and d.master:
-        log.warning("--optimizer muon on a CPU: torch.optim.Muon runs Newton-Schulz in bfloat16, which most CPUs "
-                    "multiply far slower than float32")
     if init_from is not None:  # weights only; the optimizer, step and data position start fresh
         from storyllama.importer import init_weights_from
 

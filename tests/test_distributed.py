@@ -187,12 +187,11 @@ def test_muon_under_ddp_equals_one_process_and_all_reduces_once_per_step(builtin
         assert torch.equal(w0[k], w1[k]), f"ranks disagree on {k}"
     ref, _ = checkpoint.load_model(tmp_path / "single")
     for k, v in ref.state_dict().items():
-        # Not AdamW's 1e-5: torch's Muon runs Newton-Schulz in bfloat16, which turns a last-bit difference in the
-        # gradient (another summation order) into ~1% of the update. Measured: one process with batch 4 x 2 vs
-        # 2 x 4 accumulation differs by 5e-5 on average, 2e-3 at most (a Muon step moves entries by ~2.5e-3,
-        # up to 1e-2). Ranks using their local gradients only would differ by whole updates on average.
+        # Newton-Schulz runs in fp32 on a CPU; it amplifies a last-bit difference in the gradient (another
+        # summation order) more than AdamW does, but far below a Muon step (~2.5e-3 per entry): ranks that used
+        # their local gradients only would differ by whole updates
         d = (w0[k] - v).abs()
-        assert d.mean() < 2e-4 and d.max() < 5e-3, (k, d.mean().item(), d.max().item())
+        assert d.max() < 1e-4, (k, d.mean().item(), d.max().item())
     for r in (0, 1):
         rec = json.loads((dump / f"rank{r}.json").read_text())
         assert rec["steps"] == 3 and len(rec["calls"]) == 3 * len(set(rec["calls"])), rec
