@@ -283,10 +283,13 @@ def build_run(cfg: TrainConfig, args: argparse.Namespace, d: Dist, device: torch
             log.info("fine-tuning from %s: its weights, a fresh optimizer, step 0", source)
     if ckpt is not None:
         checkpoint.load_weights(raw_model, ckpt)
+        # The saved state brings its groups' hyper-parameters back (betas, weight decay, fused, ...); this run's
+        # settings win: a flag changed on resume is applied, and a state saved by an unfused optimizer does
+        # not switch ours off. (The lr is set at every step.)
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         checkpoint.load_optimizer(optimizer, ckpt)
-        adamw = optimizer.adamw if isinstance(optimizer, MuonAdamW) else optimizer
-        for group in adamw.param_groups:  # a state saved by an unfused optimizer must not switch ours off
-            group.update(fused=adamw.defaults["fused"], foreach=None)
+        for group, mine in zip(optimizer.param_groups, settings, strict=True):
+            group.update(mine)
         data_state = state.get("data")  # none in an imported run: its training starts at the first window
         if data_state is not None and not cfg.eval_only:  # (scoring needs no stream position)
             # one global position (any world size with the same tokens per step); older checkpoints kept one

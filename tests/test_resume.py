@@ -312,3 +312,13 @@ def test_wandb_without_a_login_says_how_before_writing_anything(builtin_data, tm
     assert train_main(args(builtin_data, out, "--batch_size", "2", "--total_iters", "1", "--wandb")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "wandb login" in err[-1] and "WANDB_MODE=offline" in err[-1] and not out.exists()
+
+
+def test_a_flag_changed_on_resume_reaches_the_optimizer(builtin_data, tmp_path):
+    """The saved optimizer state carries its groups' betas and weight decay; the resumed run's flags win."""
+    out = tmp_path / "run"
+    assert train_main(args(builtin_data, out, "--batch_size", "2", "--total_iters", "2")) == 0
+    assert train_main(["--data", str(builtin_data), "--out", str(out), "--resume", "auto", "--total_iters", "3",
+                       "--weight_decay", "0.5", "--beta2", "0.99"]) == 0
+    groups = torch.load(checkpoint.resolve(out) / "optimizer.pt", weights_only=True)["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.5, 0.0] and all(g["betas"] == (0.9, 0.99) for g in groups)
