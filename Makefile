@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.13.0
 
-.PHONY: demo test bench lint clean serve
+.PHONY: demo instruct test bench lint clean serve
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/python -m storyllama.demo
+
+# Tune the demo model (trained first when runs/demo has no checkpoint) to write the story a reader asks for
+instruct: $(STAMP)
+	$(BIN)/python -m storyllama.instruct_demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
@@ -34,4 +38,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) runs data/builtin benchmarks/results
+	rm -rf $(VENV) runs data/builtin data/demo-instruct benchmarks/results

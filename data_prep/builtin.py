@@ -9,7 +9,10 @@ a resolution, and an ending that names what was learnt. Story `i` of seed `s` co
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import random
+import re
 from collections.abc import Callable
 
 GENERATOR_VERSION = 1  # bump when the text for a (seed, index) changes; recorded in meta.json
@@ -111,14 +114,27 @@ def _beat(rng: random.Random, f: dict[str, str], *choices: str) -> str:
     return rng.choice(choices).format(**f)
 
 
+# Whether the story being written has dialogue (the instruct writer's "Dialogue" feature). Without it, each
+# line of speech is narrated instead (no quotation marks), with the same random draws, so the plot is the same.
+_DIALOGUE: contextvars.ContextVar[bool] = contextvars.ContextVar("builtin_dialogue", default=True)
+_NARRATED = {"said": "spoke up", "asked": "asked about it", "shouted": "called out", "whispered": "said it softly"}
+
+
 def _say(rng: random.Random, who: str, line: str) -> str:
-    """A line of dialogue, with the speaker before or after it."""
+    """A line of dialogue, with the speaker before or after it (narrated when the story has no dialogue)."""
     verb = rng.choice(["said", "said", "asked" if line.endswith("?") else "shouted" if line.endswith("!")
                        else "whispered"])
-    if rng.random() < 0.5:
+    before = rng.random() < 0.5
+    if not _DIALOGUE.get():
+        return f"{who} {_NARRATED[verb]}."
+    if before:
         return f'{who} {verb}, "{line}"'
     quoted = line[:-1] + "," if line.endswith(".") else line  # "It was nothing," Mia said.
     return f'"{quoted}" {who} {verb}.'
+
+
+def _quoted(with_quote: str, narrated: str) -> str:
+    return with_quote if _DIALOGUE.get() else narrated
 
 
 
@@ -203,7 +219,8 @@ def _broken(rng: random.Random, f: dict[str, str]) -> tuple[list[list[str]], str
           f"Crash! {f['He']} knocked over {f['Helper']}'s favorite {item}, and it broke.",
           _beat(rng, f, "{He} hid the pieces under the rug.", "{He} ran to {his} room and hid.")]
     p2 = [_beat(rng, f, "{He} felt bad inside.", "{His} tummy felt funny, and {he} could not play."),
-          f"When {f['Helper']} came home, {f['hhe']} asked, \"Do you know what happened to my {item}?\"",
+          _quoted(f"When {f['Helper']} came home, {f['hhe']} asked, \"Do you know what happened to my {item}?\"",
+                  f"When {f['Helper']} came home, {f['hhe']} asked what happened to the {item}."),
           _beat(rng, f, "{Hero} took a deep breath.", "{Hero} looked down at {his} feet."),
           _say(rng, f["Hero"], rng.choice([f"I broke it. I am sorry, {f['Helper']}.",
                                            "It was me. I did not mean to."]))]
@@ -268,7 +285,8 @@ def _lostway(rng: random.Random, f: dict[str, str]) -> tuple[list[list[str]], st
           _beat(rng, f, "Soon, {he} did not know where {he} was.", "When {he} looked around, everything looked new."),
           _say(rng, f["Hero"], rng.choice(["I am lost!", "Which way is home?"]))]
     p2 = [_beat(rng, f, "Then {he} remembered what {Helper} always said.", "{He} stopped and took a deep breath."),
-          f'"If you are lost, follow {guide}," {f["he"]} said to {f["him"]}self.',
+          _quoted(f'"If you are lost, follow {guide}," {f["he"]} said to {f["him"]}self.',
+                  f"{f['He']} remembered that when you are lost, you should follow {guide}."),
           f"So {f['he']} followed {guide}, step by step."]
     p3 = [_beat(rng, f, "At last {he} saw {his} home.", "Soon {he} was back home."),
           _beat(rng, f, "{Helper} gave {him} a big hug.", "{Helper} was so happy to see {him}.")]
@@ -295,6 +313,18 @@ PLOTS: list[Callable[[random.Random, dict[str, str]], tuple[list[list[str]], str
 def write_story(seed: int, index: int) -> str:
     """Story `index` of the corpus of `seed`: a few paragraphs separated by blank lines."""
     rng = random.Random(seed * 1_000_003 + index)
+    f, opening = _cast_and_opening(rng)
+    paragraphs, moral = rng.choice(PLOTS)(rng, f)
+    ending = rng.choice(["From that day on, {Hero} knew {moral}.", "{Hero} learned {moral}.",
+                         "That night, {Hero} went to bed {feeling}, because {he} had learned {moral}.",
+                         "And {Hero} never forgot {moral}."])
+    moral_text = rng.choice(MORALS[moral]).format(**f)
+    paragraphs[-1].append(ending.format(moral=moral_text, feeling=rng.choice(FEELINGS_GOOD), **f))
+    return "\n\n".join(" ".join(p) for p in [opening, *paragraphs])
+
+
+def _cast_and_opening(rng: random.Random) -> tuple[dict[str, str], list[str]]:
+    """The cast, place and object of a story, and its opening sentences."""
     home, spot = rng.choice(PLACES)
     f = _person(rng, "")
     f = {("Hero" if k == "" else k): v for k, v in f.items()}
@@ -312,15 +342,138 @@ def write_story(seed: int, index: int) -> str:
     opening += rng.sample([s.format(**f) for s in LIKES], rng.randint(1, 2))
     if rng.random() < 0.5:
         opening.append(rng.choice(WEATHER))
-    paragraphs, moral = rng.choice(PLOTS)(rng, f)
-    ending = rng.choice(["From that day on, {Hero} knew {moral}.", "{Hero} learned {moral}.",
-                         "That night, {Hero} went to bed {feeling}, because {he} had learned {moral}.",
-                         "And {Hero} never forgot {moral}."])
-    moral_text = rng.choice(MORALS[moral]).format(**f)
-    paragraphs[-1].append(ending.format(moral=moral_text, feeling=rng.choice(FEELINGS_GOOD), **f))
-    return "\n\n".join(" ".join(p) for p in [opening, *paragraphs])
+    return f, opening
 
 
 def write_stories(count: int, seed: int) -> list[str]:
     """`count` stories for `seed` (about 0.7 KB each)."""
     return [write_story(seed, i) for i in range(count)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Story requests (bin/prepare_data --builtin --instruct): a story with the features drawn for it, and the
+# request that asks for what it holds.
+#
+# Features, each written only where the writer can honestly produce it:
+# - Dialogue: the characters' lines are quoted; without it every line of speech is narrated ("Ben called
+#   out."), so the story has no quotation marks;
+# - BadEnding: the plot's resolution is replaced by a sad one (the thing stays lost, the friend goes home,
+#   ...); HappyEnding (asked in half of the happy stories): the story closes with a happy line;
+# - MoralValue: a closing paragraph says what the hero learned; without it no moral is said;
+# - Twist: a surprising turn before the end ("To everyone's surprise, ...").
+# Words: three words of the story, drawn among its less common ones (content words found in under 25% of
+# built-in stories: "kite", "slipped", "puddle"; never names, "said" or "day").
+
+INSTRUCT_VERSION = 1  # bump when the pairs for a (seed, index) change; recorded in meta.json
+
+BAD_ENDINGS = {  # plot -> (sentences of the plot kept: (paragraph, count) ...), the sad paragraph
+    "lost": ((0, 99), (1, 99)), "stuck": ((0, 99), (1, 3)), "share": ((0, 99),), "fear": ((0, 99),),
+    "broken": ((0, 99), (1, 2)), "hurt": ((0, 99),), "shy": ((0, 99), (1, 1)), "rain": ((0, 99),),
+    "lostway": ((0, 99),), "race": ((0, 99), (1, 1)),
+}
+SAD_PARAGRAPHS = {
+    "lost": ["They looked everywhere, but the {obj} was never found.", "{Hero} went to bed sad that night."],
+    "stuck": ["They tried and tried, but the {obj} stayed up there.", "Then the wind blew it far away.",
+              "{Hero} cried all the way home."],
+    "share": ["{Friend} grabbed the {obj} and pulled hard.", "Snap! The {obj} broke in two.",
+              "Now nobody could play with it, and they both cried."],
+    "fear": ["{Hero} ran away and hid under {his} blanket.", "{He} did not sleep all night.",
+             "{He} stayed sad and scared for a long time."],
+    "broken": ["{Hero} said nothing and ran away.", "Later, {Helper} found the broken pieces.",
+               "{Helper} was very sad, and {Hero} felt bad for a long time."],
+    "hurt": ["{Hero} tried to help, but the poor animal ran away into the woods.",
+             "{Hero} never saw it again and felt sad."],
+    "shy": ["{Hero} was too scared to say hello.", "Soon {Friend} went home, and {Hero} sat alone.",
+            "{He} felt sad all day."],
+    "rain": ["They sat by the window and waited, but the rain did not stop.",
+             "The day was gray and boring, and they were sad."],
+    "lostway": ["{Hero} walked and walked, but every tree looked the same.",
+                "It got dark and cold, and {he} cried and cried.", "{He} was sad and scared all night."],
+    "race": ["But {Hero} did not stop.", "{He} ran on and won the race, but {Friend} sat alone and cried.",
+             "Nobody was happy at the end, and {Hero} felt sad."],
+}
+HAPPY_CLOSINGS = ["Everyone was happy.", "{Hero} smiled all day long.", "It was a happy day for everyone.",
+                  "{Hero} was very happy."]
+TWISTS = ["To everyone's surprise, the {obj} began to glow, and a tiny fairy flew out of it.",
+          "To everyone's surprise, a little bird flew down and landed on {Hero}'s head.",
+          "To everyone's surprise, {Helper} had a big secret: it was {Hero}'s birthday, and there was cake!",
+          "To everyone's surprise, the old {obj} was really magic and could talk."]
+MORAL_LINES = ["{Hero} learned {moral}.", "That day, {Hero} learned {moral}.", "The lesson of the day was {moral}."]
+_WORD_RE = re.compile(r"[A-Za-z]+")
+# Function words never asked for, however rare (the request asks for words that carry the story).
+_FUNCTION_WORDS = frozenset("""him her hers herself himself its itself them themselves their our your you are was
+    were been being did does doing can could will would should just too also again then than this that these those
+    what when where which who whom why how into onto from off out over under each every some any all both only own
+    same such now very here there one two three after before because while until about around going get got""".split())
+_RARE_DF = 0.25  # a word is a candidate for Words: when found in fewer than this share of stories
+
+
+def _instruct_text(rng: random.Random, feats: set[str]) -> str:
+    token = _DIALOGUE.set("Dialogue" in feats)
+    try:
+        f, opening = _cast_and_opening(rng)
+        paragraphs, key = rng.choice(PLOTS)(rng, f)
+    finally:
+        _DIALOGUE.reset(token)
+    if "BadEnding" in feats:
+        paragraphs = [paragraphs[i][:n] for i, n in BAD_ENDINGS[key]]
+        paragraphs.append([s.format(**f) for s in SAD_PARAGRAPHS[key]])
+    if "Twist" in feats:
+        paragraphs[-1].insert(max(1, len(paragraphs[-1]) - 1), rng.choice(TWISTS).format(**f))
+    if "HappyEnding" in feats:
+        paragraphs[-1].append(rng.choice(HAPPY_CLOSINGS).format(**f))
+    if "MoralValue" in feats:
+        paragraphs.append([rng.choice(MORAL_LINES).format(moral=rng.choice(MORALS[key]).format(**f), **f)])
+    return "\n\n".join(" ".join(p) for p in [opening, *paragraphs])
+
+
+def _draw_features(rng: random.Random) -> set[str]:
+    feats = set()
+    if rng.random() < 0.6:
+        feats.add("Dialogue")
+    if rng.random() < 0.3:
+        feats.add("BadEnding")
+    elif rng.random() < 0.5:
+        feats.add("HappyEnding")
+    if rng.random() < 0.5:
+        feats.add("MoralValue")
+    if rng.random() < 0.25:
+        feats.add("Twist")
+    return feats
+
+
+def content_words(story: str) -> list[str]:
+    """The story's distinct lowercase words of 3+ letters that occur in lowercase (so never a name), in order."""
+    return list(dict.fromkeys(w for w in _WORD_RE.findall(story) if len(w) >= 3 and w.islower()))
+
+
+@functools.lru_cache(maxsize=1)
+def common_words() -> frozenset[str]:
+    """Words in at least _RARE_DF of 2,000 instruct stories of seed 0 (computed once, on first use)."""
+    counts: dict[str, int] = {}
+    n = 2000
+    for i in range(n):
+        rng = random.Random(f"instruct:0:{i}")
+        for w in content_words(_instruct_text(rng, _draw_features(rng))):
+            counts[w] = counts.get(w, 0) + 1
+    return frozenset(w for w, c in counts.items() if c >= _RARE_DF * n)
+
+
+def write_instruct_story(seed: int, index: int, n_words: int = 3):
+    """(Request, story) `index` of the request corpus of `seed`: the story written with the features drawn
+    for it, and a request naming those features and three of its words."""
+    from .instruct import Request
+
+    rng = random.Random(f"instruct:{seed}:{index}")
+    feats = _draw_features(rng)
+    story = _instruct_text(rng, feats)
+    if '"' not in story:  # a sad ending can cut every line of speech: the request names only what the story has
+        feats.discard("Dialogue")
+    common = common_words()
+    candidates = [w for w in content_words(story) if w not in common and w not in _FUNCTION_WORDS]
+    words = rng.sample(candidates, min(n_words, len(candidates)))
+    return Request.make(words=words, features=sorted(feats)), story
+
+
+def write_instruct_stories(count: int, seed: int) -> list:
+    return [write_instruct_story(seed, i) for i in range(count)]

@@ -3,6 +3,12 @@
     bin/prepare_data --builtin --tokenizer bpe:4096 --out data/builtin
     bin/prepare_data --train train.jsonl --val valid.jsonl --tokenizer gpt2 --tokenizer_file gpt2.tiktoken --out DIR
     bin/prepare_data --dataset roneneldan/TinyStories --tokenizer gpt2 --out data/tinystories-gpt2
+    bin/prepare_data --builtin --instruct --tokenizer bpe:2048 --tokenizer_file data/demo/tokenizer.tiktoken --out DIR
+    bin/prepare_data --dataset roneneldan/TinyStoriesInstruct --instruct --tokenizer gpt2 --out DIR
+
+With --instruct the sources hold request/story pairs (data_prep/instruct.py: the template, the readers, and
+why the loss mask is stored beside the tokens); each token shard then has its mask shard, and a split's
+`bytes` count the stories' text only (the loss covers the story tokens only; `target_tokens` counts them).
 
 Steps, in an order that writes nothing until every check has passed:
 1. check the options and the source files (existence, format);
@@ -43,12 +49,13 @@ from tqdm import tqdm
 from storyllama.config import OneLineErrorParser
 from storyllama.locking import LOCK_NAME, DirLock
 
-from . import builtin, sources
+from . import builtin, instruct, sources
 from .encode import encode_documents
 from .hf_tokenizer import HF_TOKENIZER_FILE
 from .shards import (
     DTYPES,
     FORMAT_VERSION,
+    MASK_MAGIC,
     ShardError,
     ShardWriter,
     naming_the_file,
@@ -105,6 +112,7 @@ class PrepareOptions:
     num_proc: int | None = None  # None: every core this process may use
     bpe_train_mb: float = DEFAULT_BPE_TRAIN_MB
     progress: bool | None = None  # tqdm bars: None = only on a terminal
+    instruct: bool = False  # request/story pairs: shards with loss masks (data_prep/instruct.py)
 
 
 def default_num_proc() -> int:
@@ -149,14 +157,19 @@ def _identity(o: PrepareOptions) -> dict:
     if val_fraction is not None and not 0.0 < val_fraction < 1.0:  # NaN fails the comparison too
         raise PrepareError(f"--val_fraction {val_fraction} must be between 0 and 1, both excluded (e.g. 0.05)")
 
+    files = instruct.file_pair_source if o.instruct else sources.file_source
     if o.dataset:
         source = {"kind": "huggingface", "dataset": o.dataset}
     elif o.builtin:
         source = {"kind": "builtin", "stories": o.builtin_stories, "seed": o.seed,
                   "generator_version": builtin.GENERATOR_VERSION}
     else:
-        source = {"kind": "files", "train": sources.file_source(o.train, "--train").describe()["files"],
-                  "val": sources.file_source(o.val, "--val").describe()["files"] if o.val else None}
+        source = {"kind": "files", "train": files(o.train, "--train").describe()["files"],
+                  "val": files(o.val, "--val").describe()["files"] if o.val else None}
+    if o.instruct:  # only then, so the identity of every other output stays as it was
+        source["instruct"] = True
+        if o.builtin:
+            source["instruct_version"] = builtin.INSTRUCT_VERSION
     tok_sha = None
     if o.tokenizer_file is not None:
         if Path(o.tokenizer_file).is_dir():
@@ -189,7 +202,7 @@ def _ours(path: Path) -> bool:
     """Files prepare_data writes into an output directory."""
     n = path.name
     return (n in (META_FILE, MARKER_FILE, TOKENIZER_FILE, HF_TOKENIZER_FILE, LOCK_NAME) or n.endswith(".tmp")
-            or (n.endswith(".bin") and n.split("_")[0] in SPLITS))
+            or (n.endswith((".bin", ".mask")) and n.split("_")[0] in SPLITS))
 
 
 def _check_complete(out: Path, meta: dict) -> None:
@@ -203,6 +216,9 @@ def _check_complete(out: Path, meta: dict) -> None:
             counts = [read_header(out / name)[1] for name in info["shards"]]
             if sum(counts) != info["tokens"]:
                 raise ShardError(f"the {split} shards hold {sum(counts):,} tokens, meta.json says {info['tokens']:,}")
+            for name, count in zip(info["masks"], counts, strict=True) if "masks" in info else ():
+                if read_header(out / name, MASK_MAGIC)[1] != count:
+                    raise ShardError(f"{out / name} does not hold one entry per token of its shard")
     except (ShardError, KeyError, TypeError) as e:
         raise PrepareError(f"{out} looks finished but is damaged ({e}); delete {out} and run the same command "
                            "again") from None
@@ -253,13 +269,18 @@ def _check_output(out: Path, identity: dict, locked: bool) -> dict | None:
 def _open_sources(o: PrepareOptions, identity: dict) -> tuple[sources.Source, sources.Source]:
     val_fraction = identity["options"]["val_fraction"]
     if o.dataset:
-        return sources.hf_sources(o.dataset)
+        return (instruct.hf_pair_sources if o.instruct else sources.hf_sources)(o.dataset)
+    if o.builtin and o.instruct:
+        pairs = builtin.write_instruct_stories(o.builtin_stories, o.seed)
+        whole = sources.Source(lambda: iter(pairs), identity["source"], sum(len(s) for _, s in pairs))
+        return sources.split_off(whole, val_fraction, o.seed)
     if o.builtin:
         whole = sources.list_source(builtin.write_stories(o.builtin_stories, o.seed), identity["source"])
         return sources.split_off(whole, val_fraction, o.seed)
-    train = sources.file_source(o.train, "--train")
+    files = instruct.file_pair_source if o.instruct else sources.file_source
+    train = files(o.train, "--train")
     if o.val:
-        return train, sources.file_source(o.val, "--val")
+        return train, files(o.val, "--val")
     return sources.split_off(train, val_fraction, o.seed)
 
 
@@ -283,7 +304,10 @@ def _get_ranks(o: PrepareOptions, train: sources.Source) -> dict[bytes, int]:
                                f"<|endoftext|>, not {vocab:,}: use --tokenizer bpe:{len(ranks) + 1}")
         return ranks
     t0 = time.perf_counter()
-    ranks = _interruptible(train_bpe, _capped(train.documents(), o.bpe_train_mb * 1e6), vocab)
+    texts = train.documents()
+    if o.instruct:  # pairs: the BPE learns the requests' text and the stories'
+        texts = (req.text() + story for req, story in texts)
+    ranks = _interruptible(train_bpe, _capped(texts, o.bpe_train_mb * 1e6), vocab)
     log.info("trained %s on up to %.0f MB of training text in %.1f s", o.tokenizer, o.bpe_train_mb,
              time.perf_counter() - t0)
     return ranks
@@ -371,6 +395,12 @@ def _prepare_locked(o: PrepareOptions, out: Path, identity: dict, t_start: float
             **identity,
             "splits": splits,
         }
+        if o.instruct:
+            meta["instruct"] = {"template": instruct.Request.make(words=["kite", "rain"], features=["Dialogue"],
+                                                                  summary="...").text(),
+                                "mask": "{split}_NNNNNN.mask beside each shard: uint8 per token, 1 = loss target "
+                                        "(story tokens and the EOT closing each story)",
+                                "bytes": "UTF-8 bytes of the stories only"}
         write_json_atomic(out / META_FILE, meta)  # last: its presence marks a complete output
         (out / MARKER_FILE).unlink()
         log.info("done in %.1f s: %s (%s, vocab %s, eot %d)", time.perf_counter() - t_start, out, o.tokenizer,
@@ -399,13 +429,15 @@ def _sigint_held():
 
 def _write_split(out: Path, split: str, src: sources.Source, enc, dtype, num_proc: int,
                  o: PrepareOptions) -> dict:
-    writer = ShardWriter(out, split, o.shard_tokens, dtype)
+    writer = ShardWriter(out, split, o.shard_tokens, dtype, masks=o.instruct)
     documents = nbytes = 0
     t0 = time.perf_counter()
+    encoded = (instruct.encode_pairs(enc, src.documents(), dtype, num_proc) if o.instruct
+               else encode_documents(enc, src.documents(), dtype, num_proc))
     with tqdm(total=src.size_bytes, unit="B", unit_scale=True, desc=f"{split} ({num_proc} workers)",
               disable=None if o.progress is None else not o.progress, file=sys.stderr) as bar:
-        for chunk in encode_documents(enc, src.documents(), dtype, num_proc):
-            writer.add(chunk.tokens)
+        for chunk in encoded:
+            writer.add(chunk.tokens, getattr(chunk, "mask", None))
             documents += chunk.documents
             nbytes += chunk.bytes
             bar.update(chunk.bytes)
@@ -413,8 +445,11 @@ def _write_split(out: Path, split: str, src: sources.Source, enc, dtype, num_pro
     dt = time.perf_counter() - t0
     log.info("%s: %s documents, %s tokens, %.1f MB of text in %d shard(s), %.1f s (%.1f MB/s)", split,
              f"{documents:,}", f"{sum(writer.counts):,}", nbytes / 1e6, len(names), dt, nbytes / 1e6 / max(dt, 1e-9))
-    return {"tokens": sum(writer.counts), "documents": documents, "bytes": nbytes, "shards": names,
+    info = {"tokens": sum(writer.counts), "documents": documents, "bytes": nbytes, "shards": names,
             "shard_token_counts": writer.counts}
+    if o.instruct:
+        info.update(masks=writer.mask_names, target_tokens=writer.targets)
+    return info
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,6 +468,10 @@ def build_parser(prog: str = "bin/prepare_data") -> argparse.ArgumentParser:
     src.add_argument("--builtin", action="store_true", help="stories from the built-in seeded story writer")
     src.add_argument("--builtin_stories", type=int, default=DEFAULT_BUILTIN_STORIES,
                      help=f"how many built-in stories (default {DEFAULT_BUILTIN_STORIES:,}, ~0.57 KB each)")
+    src.add_argument("--instruct", action="store_true",
+                     help="the source holds request/story pairs (TinyStoriesInstruct .txt, JSONL with 'story' and "
+                     "'request' or 'words'/'features'/'summary'; --builtin writes them): shards get a loss mask "
+                     "that counts only the story tokens")
     src.add_argument("--val_fraction", type=float, default=None,
                      help=f"fraction of a single source held out for val (default {DEFAULT_VAL_FRACTION})")
     tok = p.add_argument_group("tokenizer")
@@ -483,7 +522,8 @@ def main(argv: list[str] | None = None, prog: str = "bin/prepare_data") -> int:
                           dataset=args.dataset, train=args.train, val=args.val, builtin=args.builtin,
                           builtin_stories=args.builtin_stories, val_fraction=args.val_fraction,
                           shard_tokens=args.shard_tokens, seed=args.seed, num_proc=args.num_proc,
-                          bpe_train_mb=args.bpe_train_mb, progress=False if args.no_progress else None)
+                          bpe_train_mb=args.bpe_train_mb, progress=False if args.no_progress else None,
+                          instruct=args.instruct)
     try:
         prepare(opts)
     except ValueError as e:  # every expected failure: one line, what to change

@@ -2,6 +2,7 @@
 
     RUN_DIR/checkpoints/step_000500/
         model.safetensors     the unwrapped model's weights (plain state dict)
+        model_ema.safetensors with --ema_decay: the averaged weights, same names (what sample/export use)
         model_config.json     ModelConfig as JSON: the weights load without the training code's classes
         optimizer.pt          optimizer state
         trainer_state.json    step, tokens seen, data position, both configs, best validation loss
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 
 WEIGHTS, MODEL_CONFIG, OPTIMIZER, STATE = "model.safetensors", "model_config.json", "optimizer.pt", "trainer_state.json"
 CHECKSUMS = "checksums.json"
+EMA_WEIGHTS = "model_ema.safetensors"
+WEIGHT_CHOICES = ("auto", "ema", "raw")  # auto: the EMA weights when the checkpoint has them, else the raw ones
 TOKENIZER_FILES = ("meta.json", "tokenizer.tiktoken", "tokenizer.json")  # whichever the data has
 _NAME = re.compile(r"step_(\d+)(?:\.(\d+))?$")
 
@@ -73,8 +76,10 @@ def _pause_for_tests(name: str) -> None:
 
 
 def save(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-         state: dict, data_dir: str | Path | None = None, keep_last: int = 3, is_best: bool = False) -> Path:
-    """Write checkpoint `step_NNNNNN` atomically, point `latest` (and `best`) at it, prune old ones.
+         state: dict, data_dir: str | Path | None = None, keep_last: int = 3, is_best: bool = False,
+         ema: torch.nn.Module | None = None) -> Path:
+    """Write checkpoint `step_NNNNNN` atomically, point `latest` (and `best`) at it, prune old ones; `ema`, the
+    averaged model, goes to model_ema.safetensors.
 
     Raises CheckpointWriteError when the files cannot be written (the message says why, with the free
     space when the disk is full); earlier checkpoints and the pointers are untouched then."""
@@ -87,7 +92,7 @@ def save(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torc
     tmp = ckpt_root / f".tmp_{name}_{os.getpid()}"
     try:
         tmp.mkdir()
-        _write_files(tmp, model, optimizer, state, data_dir)
+        _write_files(tmp, model, optimizer, state, data_dir, ema)
         _pause_for_tests(name)
         os.replace(tmp, final)
     except BaseException as e:
@@ -113,9 +118,10 @@ def _free_name(ckpt_root: Path, step: int) -> str:
 
 
 def _write_files(tmp: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, state: dict,
-                 data_dir: str | Path | None) -> None:
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(weights, str(tmp / WEIGHTS))
+                 data_dir: str | Path | None, ema: torch.nn.Module | None = None) -> None:
+    for module, fname in ((model, WEIGHTS), (ema, EMA_WEIGHTS)):
+        if module is not None:
+            save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, str(tmp / fname))
     cfg: ModelConfig = model.cfg
     (tmp / MODEL_CONFIG).write_text(json.dumps(cfg.__dict__, indent=2) + "\n")
     if optimizer is not None:
@@ -211,17 +217,29 @@ def load_model_config(ckpt: Path) -> ModelConfig:
         raise CheckpointError(f"{path} is not a model configuration this version can use: {e}") from None
 
 
-def read_weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    """The checkpoint's weights as a plain state dict (CPU tensors), checked against checksums.json."""
-    path = verify(ckpt, WEIGHTS)
+def weights_file(ckpt: Path, weights: str = "auto") -> str:
+    """The file that `weights` (auto | ema | raw) names in `ckpt`: auto takes the EMA weights when there are some."""
+    if weights not in WEIGHT_CHOICES:
+        raise ValueError(f"--weights must be one of {', '.join(WEIGHT_CHOICES)}, got {weights!r}")
+    has_ema = (ckpt / EMA_WEIGHTS).is_file()
+    if weights == "ema" and not has_ema:
+        raise CheckpointError(f"checkpoint {ckpt} has no EMA weights ({EMA_WEIGHTS}: the run had no --ema_decay); "
+                              "use --weights raw")
+    return EMA_WEIGHTS if weights == "ema" or (weights == "auto" and has_ema) else WEIGHTS
+
+
+def read_weights(ckpt: Path, weights: str = "raw") -> dict[str, torch.Tensor]:
+    """The checkpoint's weights (raw, ema, or auto: see weights_file) as a plain state dict (CPU tensors),
+    checked against checksums.json."""
+    path = verify(ckpt, weights_file(ckpt, weights))
     try:
         return load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for cut or corrupt files
         raise CheckpointError(f"cannot read {path}: {e}; the file is damaged, use an earlier checkpoint") from e
 
 
-def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
-    state = read_weights(ckpt)
+def load_weights(model: torch.nn.Module, ckpt: Path, weights: str = "raw") -> None:
+    state = read_weights(ckpt, weights)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shapes that differ from model_config.json's
@@ -234,13 +252,16 @@ def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-               kernels: str = "reference"):
-    """Load a checkpoint (or a run's latest) for inference: returns (model in eval mode, ckpt dir)."""
+               kernels: str = "reference", weights: str = "auto"):
+    """Load a checkpoint (or a run's latest) for inference: returns (model in eval mode, ckpt dir). weights:
+    auto (the EMA weights when the checkpoint has them, else the raw ones), ema or raw."""
     from storyllama.model import Llama
 
     ckpt = resolve(path)
     model = Llama(load_model_config(ckpt), kernels=kernels)
-    load_weights(model, ckpt)
+    load_weights(model, ckpt, weights)
+    if weights_file(ckpt, weights) == EMA_WEIGHTS:
+        log.info("%s: using its EMA weights (%s; --weights raw for the trained ones)", ckpt, EMA_WEIGHTS)
     model.to(device=device, dtype=dtype).eval()
     return model, ckpt
 

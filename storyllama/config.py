@@ -121,6 +121,13 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     clip: float = 1.0  # gradient-norm clipping; 0: none
+    # optimizer and recipe (README, Training: --optimizer, --zero_init, --ema_decay)
+    optimizer: str = "adamw"  # adamw | muon (Muon for the blocks' matrices, AdamW for embeddings and norms)
+    muon_lr: float = 0.02  # Muon's peak lr, on --max_lr's schedule; torch's "original" per-shape adjustment
+    muon_momentum: float = 0.95  # Nesterov momentum of the Muon group
+    muon_weight_decay: float = 0.0  # decoupled, on the Muon group (AdamW's groups keep --weight_decay)
+    zero_init: bool = False  # a fresh run starts every attention wo and MLP w2 at zero
+    ema_decay: float = 0.0  # 0: off; else an exponential moving average of the weights, evaluated and saved
     # evaluation, logging, checkpoints
     eval_interval: int = 100
     eval_iters: int = 20  # validation batches per eval (0: the whole split)
@@ -174,6 +181,16 @@ class TrainConfig:
             raise ValueError("--warmup_iters, --eval_iters and --sample_tokens must be >= 0")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"--min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ValueError(f"--optimizer must be adamw or muon, got {self.optimizer!r}")
+        if not (math.isfinite(self.muon_lr) and self.muon_lr > 0):
+            raise ValueError(f"--muon_lr must be a finite positive number, got {self.muon_lr}")
+        if not (math.isfinite(self.muon_weight_decay) and self.muon_weight_decay >= 0):
+            raise ValueError(f"--muon_weight_decay must be a finite number >= 0, got {self.muon_weight_decay}")
+        for k in ("muon_momentum", "ema_decay"):
+            if not 0.0 <= getattr(self, k) < 1.0:
+                raise ValueError(f"--{k} must be in [0, 1){' (0: off)' if k == 'ema_decay' else ''}, "
+                                 f"got {getattr(self, k)}")
 
     def lr_at(self, step: int) -> float:
         """Linear warmup to max_lr, then cosine to max_lr * min_lr_ratio at total_iters."""

@@ -35,6 +35,11 @@ summed loss by the step's count: the same loss whatever the world size, micro-ba
 Validation (`val_batches`) walks the windows in order: global batch k is windows kB..kB+B-1, and
 rank r takes batches r, r + W, r + 2W, ... (the same number on every rank).
 
+Request/story data (`bin/prepare_data --instruct`) has a loss-mask shard beside each token shard (uint8
+per token, 1 = a story token, a loss target): the mask is gathered with the same windows, and every target
+whose mask is 0 (a request token) becomes -100, which the loss ignores. Training and validation count the
+loss on the story tokens only, and bits per byte divide by the stories' bytes (`bytes_per_token`).
+
 Every batch is checked against the vocabulary of meta.json on the host, before it becomes a tensor: an
 id out of range (a corrupt shard, or shards of another tokenizer) is a DataError naming the shard,
 the id and the vocabulary, instead of an index error in the embedding (a device-side assert on CUDA).
@@ -52,7 +57,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from storyllama.data_prep.shards import FORMAT_VERSION, ShardError, open_shard, token_dtype
+from storyllama.data_prep.shards import FORMAT_VERSION, MASK_MAGIC, ShardError, open_shard, token_dtype
 
 SPLITS = ("train", "val")
 
@@ -88,11 +93,15 @@ def load_meta(data_dir: str | Path) -> dict:
 
 
 def bytes_per_token(meta: dict, split: str = "val") -> float:
-    """UTF-8 bytes of text per token in `split` (EOT tokens included): bits/byte = loss / ln 2 / this."""
+    """UTF-8 bytes of text per token in `split` (EOT tokens included): bits/byte = loss / ln 2 / this.
+
+    Request/story data: bytes of the stories per target token (story tokens and their EOT), since the loss is
+    the mean over those tokens only; the requests' bytes are not counted."""
     info = meta["splits"][split]
-    if not info["tokens"]:
+    tokens = info.get("target_tokens", info["tokens"])
+    if not tokens:
         raise DataError(f"the {split} split has no tokens; prepare the data again with more text")
-    return info["bytes"] / info["tokens"]
+    return info["bytes"] / tokens
 
 
 class TokenData:
@@ -129,6 +138,19 @@ class TokenData:
                 raise DataError(f"{path} holds {mm.size:,} tokens, but meta.json says {counts[i]:,}: the shard "
                                 "does not belong to this meta.json; prepare the data again")
             self.shards.append(mm)
+        self.masks: list[np.memmap] | None = None  # loss masks (request/story data), one per shard
+        if "masks" in info:
+            self.masks = []
+            for path, mm in zip(self.shard_files, self.shards, strict=True):
+                mpath = self.data_dir / (path.name[: -len(".bin")] + ".mask")
+                try:
+                    mask = open_shard(mpath, MASK_MAGIC)
+                except ShardError as e:
+                    raise DataError(str(e)) from None
+                if mask.size != mm.size:
+                    raise DataError(f"{mpath} holds {mask.size:,} mask entries for the {mm.size:,} tokens of {path}; "
+                                    "prepare the data again")
+                self.masks.append(mask)
         self.num_tokens = sum(int(mm.size) for mm in self.shards)
         if self.num_tokens != info["tokens"]:
             raise DataError(f"the {split} shards of {self.data_dir} hold {self.num_tokens:,} tokens, but meta.json "
@@ -171,6 +193,20 @@ class TokenData:
             if self.vocab_size < _ID_LIMIT[tokens.dtype.itemsize] and int(tokens.max()) >= self.vocab_size:
                 self._out_of_vocab(s, tokens, starts[rows])
             out[rows] = tokens
+        return out
+
+    def gather_masks(self, window_ids: np.ndarray, block_size: int, cum_windows: np.ndarray,
+                     shift: int = 0) -> np.ndarray | None:
+        """The loss masks of the windows `gather` returns (bool, same shape), or None for plain data."""
+        if self.masks is None:
+            return None
+        shard_of = np.searchsorted(cum_windows, window_ids, side="right") - 1
+        starts = (window_ids - cum_windows[shard_of]) * block_size + shift
+        out = np.empty((len(window_ids), block_size + 1), dtype=bool)
+        offsets = np.arange(block_size + 1, dtype=np.int64)
+        for s in np.unique(shard_of):
+            rows = np.nonzero(shard_of == s)[0]
+            out[rows] = self.masks[s][starts[rows, None] + offsets] != 0
         return out
 
     def _out_of_vocab(self, s: int, tokens: np.ndarray, starts: np.ndarray) -> None:
@@ -220,9 +256,12 @@ def doc_window_starts(size: int, eots: np.ndarray, block_size: int) -> np.ndarra
     return w
 
 
-def _to_xy(windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+def _to_xy(windows: np.ndarray, masks: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     t = torch.from_numpy(windows)  # (B, T + 1) int64
-    return t[:, :-1].contiguous(), t[:, 1:].contiguous()  # (B, T), (B, T)
+    x, y = t[:, :-1].contiguous(), t[:, 1:].contiguous()  # (B, T), (B, T)
+    if masks is not None:  # request tokens are context, not targets (a new tensor: y may share x's storage)
+        y = torch.where(torch.from_numpy(masks[:, 1:]), y, -100)
+    return x, y
 
 
 class RandomBatches:
@@ -249,6 +288,9 @@ class RandomBatches:
         self.shifts = bool((shifted >= 1).all()) and not doc_aligned
         if self.shifts:
             per_shard = shifted
+        if doc_aligned and data.masks is not None:
+            raise DataError(f"--doc_aligned does not take request/story data yet ({data.data_dir} has loss masks): "
+                            "train it without --doc_aligned")
         if doc_aligned:  # index the stories once: windows start at story starts
             starts, targets = [], []
             for mm in data.shards:
@@ -306,9 +348,10 @@ class RandomBatches:
     def batch_at(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y), int64 CPU tensors of shape (B, T), of the batch at stream `position`."""
         ids = self.window_ids(position)  # also sets this epoch's shift
-        if self.doc_aligned:
+        if self.doc_aligned:  # (no loss masks: refused when built)
             return _to_xy(self.data.gather_at(self.win_shard[ids], self.win_start[ids], self.block_size))
-        return _to_xy(self.data.gather(ids, self.block_size, self.cum_windows, self._shift))
+        return _to_xy(self.data.gather(ids, self.block_size, self.cum_windows, self._shift),
+                      self.data.gather_masks(ids, self.block_size, self.cum_windows, self._shift))
 
     def step_targets(self, position: int) -> int:
         """Document-aligned: the scored targets of the whole optimizer step (all ranks, all micro-steps) that
@@ -380,4 +423,4 @@ def val_batches(data: TokenData, batch_size: int, block_size: int, rank: int = 0
     for i in range(per_rank):
         k = rank + i * world_size
         ids = np.arange(k * batch_size, (k + 1) * batch_size, dtype=np.int64)
-        yield _to_xy(data.gather(ids, block_size, cum))
+        yield _to_xy(data.gather(ids, block_size, cum), data.gather_masks(ids, block_size, cum))

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from storyllama.checkpoint import CheckpointError, load_model_config, read_weights, resolve
+from storyllama.checkpoint import EMA_WEIGHTS, CheckpointError, load_model_config, read_weights, resolve, weights_file
 from storyllama.config import ModelConfig, OneLineErrorParser
 from storyllama.hf import hf_config_dict, to_hf_state_dict
 from storyllama.locking import LOCK_NAME, DirLock
@@ -174,8 +174,9 @@ def _publish_dir(tmp: Path, out: Path, files: list[str]) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def export(path: str | Path, out: str | Path, format: str = "hf") -> Path:
-    """Write the HF directory (or, format="gguf", the GGUF file) for checkpoint `path` (or a run's latest).
+def export(path: str | Path, out: str | Path, format: str = "hf", weights: str = "auto") -> Path:
+    """Write the HF directory (or, format="gguf", the GGUF file) for checkpoint `path` (or a run's latest), with
+    its EMA weights when it has them (weights="auto"), or weights="ema" / "raw".
 
     Raises CheckpointError for a missing or partial checkpoint, ValueError when `out` exists and is not an
     earlier export, LockedError (a ValueError) when another export writes to `out` now.
@@ -183,7 +184,7 @@ def export(path: str | Path, out: str | Path, format: str = "hf") -> Path:
     if format == "gguf":
         from storyllama.gguf_export import export_gguf
 
-        return export_gguf(path, out)
+        return export_gguf(path, out, weights)
     if format != "hf":
         raise ValueError(f"--format {format!r} is not known: use hf or gguf")
     ckpt = resolve(path)
@@ -191,7 +192,7 @@ def export(path: str | Path, out: str | Path, format: str = "hf") -> Path:
     out = Path(out)
     check_out(out)
     tok = _tokenizer_info(ckpt)
-    state = read_weights(ckpt)  # checked against the checkpoint's checksums
+    state = read_weights(ckpt, weights)  # checked against the checkpoint's checksums
     hf_state = to_hf_state_dict(state, cfg)
     if cfg.tie_embeddings:
         # safetensors refuses two names for one tensor; transformers ties lm_head to the embedding on load.
@@ -250,9 +251,16 @@ def main(argv: list[str] | None = None, prog: str = "export") -> int:
     p.add_argument("--out", required=True, help="the directory (hf) or file (gguf) to write")
     p.add_argument("--format", choices=("hf", "gguf"), default="hf", help="hf: a transformers directory; gguf: one "
                    "GGUF file (float32)")
+    p.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
+                   help="ema: the averaged weights of a run trained with --ema_decay; raw: the trained ones; auto "
+                   "(default): ema when the checkpoint has them")
     ns = p.parse_args(argv)
     try:
-        out = export(ns.run or ns.checkpoint, ns.out, ns.format)
+        src = resolve(ns.run or ns.checkpoint)
+        if weights_file(src, ns.weights) == EMA_WEIGHTS:
+            print(f"exporting the EMA weights of {src} ({EMA_WEIGHTS}; --weights raw for the trained ones)",
+                  file=sys.stderr)
+        out = export(src, ns.out, ns.format, ns.weights)
     except (ValueError, OSError) as e:  # CheckpointError and LockedError are ValueErrors
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2

@@ -155,8 +155,9 @@ def gguf_vocab(ckpt: Path, tok: dict, cfg: ModelConfig) -> dict:
     return out
 
 
-def export_gguf(path: str | Path, out: str | Path) -> Path:
-    """Write checkpoint `path` (or a run's latest) as the GGUF file `out`; returns `out`."""
+def export_gguf(path: str | Path, out: str | Path, weights: str = "auto") -> Path:
+    """Write checkpoint `path` (or a run's latest) as the GGUF file `out` (weights: see checkpoint.weights_file);
+    returns `out`."""
     import gguf
 
     from storyllama.export import _Staging, _tokenizer_info, check_out
@@ -167,7 +168,7 @@ def export_gguf(path: str | Path, out: str | Path) -> Path:
     check_out(out, kind="file")
     tok = _tokenizer_info(ckpt)
     vocab = gguf_vocab(ckpt, tok, cfg)
-    state = read_weights(ckpt)  # checked against the checkpoint's checksums
+    state = read_weights(ckpt, weights)  # checked against the checkpoint's checksums
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with _Staging(out) as tmp:

@@ -46,7 +46,9 @@ class Metrics:
         self._append(rec)
         plot_losses(self.path, self.run_dir / "loss.png")
         if self.wandb_run is not None:
-            self.wandb_run.log({"val/loss": rec["val_loss"], "val/bpb": rec["val_bpb"]}, step=rec["step"])
+            names = {"val_loss": "val/loss", "val_bpb": "val/bpb", "val_loss_ema": "val/loss_ema",
+                     "val_bpb_ema": "val/bpb_ema"}
+            self.wandb_run.log({v: rec[k] for k, v in names.items() if k in rec}, step=rec["step"])
 
     def close(self) -> None:
         if self.wandb_run is not None:

@@ -200,6 +200,14 @@ class Llama(nn.Module):
             else:
                 nn.init.normal_(p, mean=0.0, std=0.02)
 
+    @torch.no_grad()
+    def zero_output_projections(self) -> None:
+        """Start every block's attention wo and MLP w2 at zero (bin/train --zero_init): each block is then the
+        identity at step 0, and the first step's gradients still reach wo and w2 (their inputs are non-zero)."""
+        for name, p in self.named_parameters():
+            if name.endswith(("wo.weight", "w2.weight")):
+                p.zero_()
+
     @property
     def lm_head_weight(self) -> torch.Tensor:
         return self.tok_embeddings.weight if self.output is None else self.output.weight

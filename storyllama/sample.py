@@ -26,6 +26,7 @@ Public API:
     beam_search(model, prompt, cfg, eot_id, vocab_limit, on_step=None, stats=None) -> list[Hypothesis]
     beam_search_recompute(model, prompt, cfg, eot_id, vocab_limit) -> list[Hypothesis]   (its reference)
     prepare_for_decoding(model) -> model      (storyllama.cpu_decode: oneDNN-packed weights; bin/sample applies it)
+    request_prompt(enc, words, features, summary, story_start) -> ids   (a story request, the training template)
     prefill, decode_one_token, sample_one_no_sync, apply_repetition_penalty
     main(argv) -> exit code      (bin/sample)
 """
@@ -573,24 +574,47 @@ class TextStream:
             self.write(text)
 
 
+# -- story requests --------------------------------------------------------------------------------------
+def request_prompt(enc, words=None, features=None, summary: str = "", story_start: str = "") -> list[int]:
+    """The prompt of a story request: the request rendered in the template the instruct stage trains on
+    (storyllama.data_prep.instruct: "Words: ...\nFeatures: ...\nSummary: ...\nStory:\n", encoded alone, as
+    bin/prepare_data --instruct encodes it), then the story's first words when given. Words and features: lists
+    or comma-separated strings; features by name (dialogue, happy_ending, bad_ending, moral, twist, ...)."""
+    from storyllama.data_prep.instruct import Request, request_ids
+
+    req = Request.make(words, features, summary)
+    if req.is_empty():
+        raise ValueError("a story request needs --words, --features or --summary")
+    return request_ids(enc, req) + (enc.encode_ordinary(story_start) if story_start else [])
+
+
 # -- command line ----------------------------------------------------------------------------------------
 def build_parser(prog: str = "sample") -> argparse.ArgumentParser:
     p = OneLineErrorParser(prog=prog, description="Sample stories from a StoryLlama checkpoint (KV-cached).")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="run directory: samples from its latest checkpoint")
     src.add_argument("--checkpoint", help="a checkpoint directory (RUN_DIR/checkpoints/step_NNNNNN)")
+    p.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
+                   help="ema: the averaged weights of a run trained with --ema_decay; raw: the trained ones; auto "
+                   "(default): ema when the checkpoint has them")
     add_dataclass_args(p, SampleConfig, prefix_help="sampling")
+    req = p.add_argument_group("story request (a model tuned on requests: bin/prepare_data --instruct; the prompt is "
+                               "the request, and --prompt, if given, the story's first words)")
+    req.add_argument("--words", default=None, help="words the story must use, comma-separated (e.g. kite,rain)")
+    req.add_argument("--features", default=None, help="comma-separated: dialogue, happy_ending, bad_ending, moral, "
+                     "twist, foreshadowing, conflict")
+    req.add_argument("--summary", default=None, help="what the story is about, in a sentence")
     return p
 
 
-def load_for_sampling(path: str, device: torch.device, dtype: torch.dtype):
+def load_for_sampling(path: str, device: torch.device, dtype: torch.dtype, weights: str = "auto"):
     """(model in eval mode with weights in `dtype`, tiktoken encoding, checkpoint dir). The model's ops are
     the Triton kernels on CUDA and the reference ops elsewhere (storyllama.kernels.resolve_backend("auto"))."""
     from storyllama.checkpoint import load_model
     from storyllama.data_prep.tokenizer import load_encoding
     from storyllama.kernels import resolve_backend
 
-    model, ckpt = load_model(path, device=device, kernels=resolve_backend("auto", device))
+    model, ckpt = load_model(path, device=device, kernels=resolve_backend("auto", device), weights=weights)
     # Cast the weights only: the RoPE tables stay fp32 (model.to(dtype) would round them).
     for p in model.parameters():
         p.data = p.data.to(dtype)
@@ -598,7 +622,7 @@ def load_for_sampling(path: str, device: torch.device, dtype: torch.dtype):
 
 
 def main(argv: list[str] | None = None, prog: str = "sample") -> int:
-    from storyllama.checkpoint import CheckpointError
+    from storyllama.checkpoint import EMA_WEIGHTS, CheckpointError, weights_file
     from storyllama.data_prep.tokenizer import TokenizerError
 
     ns = build_parser(prog).parse_args(argv)
@@ -609,10 +633,19 @@ def main(argv: list[str] | None = None, prog: str = "sample") -> int:
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 weights: TF32 tensor cores for the matmuls
             torch.backends.cudnn.allow_tf32 = True
-        model, enc, ckpt = load_for_sampling(ns.run or ns.checkpoint, device, dtype)
+        model, enc, ckpt = load_for_sampling(ns.run or ns.checkpoint, device, dtype, ns.weights)
+        if weights_file(ckpt, ns.weights) == EMA_WEIGHTS:
+            print(f"[{ckpt}] sampling from the EMA weights ({EMA_WEIGHTS}; --weights raw for the trained ones)",
+                  file=sys.stderr)
         eot_id = enc.eot_token
-        # An empty prompt starts a story from scratch: training data separates stories with EOT.
-        prompts = [enc.encode(text, allowed_special="all") or [eot_id] for text in cfg.prompt]
+        if ns.words is not None or ns.features is not None or ns.summary is not None:
+            # The prompt is the request; --prompt, when given, is the story's first words (printed with the story).
+            cfg.prompt = cfg.prompt if ns.prompt is not None else [""]
+            prompts = [request_prompt(enc, ns.words, ns.features, ns.summary or "", text) for text in cfg.prompt]
+            print(enc.decode(request_prompt(enc, ns.words, ns.features, ns.summary or "")), end="", file=sys.stderr)
+        else:
+            # An empty prompt starts a story from scratch: training data separates stories with EOT.
+            prompts = [enc.encode(text, allowed_special="all") or [eot_id] for text in cfg.prompt]
         check_fits(model, max(len(p) for p in prompts), cfg.max_new_tokens)
     except (ValueError, OSError, CheckpointError, TokenizerError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)

@@ -4,7 +4,10 @@
 
 Write tab: a model path (a run directory, a checkpoint directory, or a transformers Llama directory, which is
 imported once into a temporary run directory), a prompt, the sampling knobs, the number of stories and a mode
-(sample, greedy, beam). Tokens stream into the page as they are decoded; the status line gives the tokens/s,
+(sample, greedy, beam), and a story request for a model tuned on requests: words, features, a summary. With
+any of those the model is prompted with the request in the training template (storyllama.sample.request_prompt,
+as bin/sample --words/--features/--summary), and the prompt box holds the story's first words (may be empty).
+Tokens stream into the page as they are decoded; the status line gives the tokens/s,
 the time to the first token and why each story stopped. Watch tab: a run's loss curves from metrics.jsonl
 (re-read every few seconds while the tab is open, or on the button), its latest numbers (tokens/s, MFU where
 logged), its checkpoints with their validation bits per byte.
@@ -17,7 +20,7 @@ keeps running. It binds 127.0.0.1 unless --host says otherwise and opens a publi
 
 The same actions through Gradio's API (gradio_client), see README "Story studio":
     /write(model, prompt, mode, temperature, top_k, top_p, repetition_penalty, max_length, seed, stories,
-           beams, length_penalty) -> (story, status)
+           beams, length_penalty, words="", features=[], summary="") -> (story, status)
     /watch(run) -> (curves, summary, checkpoints, samples)
 """
 
@@ -37,6 +40,7 @@ from pathlib import Path
 
 DEFAULT_RUN = "runs/demo"
 MODES = ("sample", "greedy", "beam")
+REQUEST_FEATURES = ("dialogue", "happy_ending", "bad_ending", "moral", "twist", "foreshadowing", "conflict")
 MAX_STORIES, MAX_BEAMS = 8, 16
 # Seconds between updates of the page while a story is written: each update costs the decoding thread CPU
 # time (the GIL, Gradio's diff and send), which matters for small models that decode hundreds of tokens/s.
@@ -177,12 +181,21 @@ def _join(prompt: str, texts: list[str]) -> str:
     return "\n\n".join(f"--- story {i + 1} ---\n{prompt}{t}" for i, t in enumerate(texts))
 
 
-def _load_and_encode(store: ModelStore, model_path: str, prompt: str, max_new_tokens: int) -> tuple:
-    """(the loaded model, the prompt's ids), or ServeError saying what is wrong with them."""
-    from storyllama.sample import check_fits
+def _load_and_encode(store: ModelStore, model_path: str, prompt: str, max_new_tokens: int,
+                     request: tuple = ("", (), "")) -> tuple:
+    """(the loaded model, the prompt's ids), or ServeError saying what is wrong with them. `request` (words,
+    features, summary), when any is given, prompts with the request; `prompt` is then the story's start."""
+    from storyllama.sample import check_fits, request_prompt
 
     lm = store.get(model_path)
-    ids = lm.enc.encode(prompt, allowed_special="all") or [lm.enc.eot_token]  # empty: a story from scratch
+    words, features, summary = request
+    if (words or "").strip() or features or (summary or "").strip():
+        try:
+            ids = request_prompt(lm.enc, words or "", list(features or ()), summary or "", prompt)
+        except ValueError as e:
+            raise ServeError(str(e)) from None
+    else:
+        ids = lm.enc.encode(prompt, allowed_special="all") or [lm.enc.eot_token]  # empty: a story from scratch
     try:
         check_fits(lm.model, len(ids), max_new_tokens)
     except ValueError as e:
@@ -191,7 +204,8 @@ def _load_and_encode(store: ModelStore, model_path: str, prompt: str, max_new_to
 
 
 def write(store: ModelStore, model_path: str, prompt: str, mode: str, temperature=0.8, top_k=0, top_p=1.0,
-          repetition_penalty=1.0, max_length=200, seed=-1, stories=1, beams=4, length_penalty=1.0):
+          repetition_penalty=1.0, max_length=200, seed=-1, stories=1, beams=4, length_penalty=1.0, words="",
+          features=(), summary=""):
     """Generator of (story text, status line): the stories as they are written, then the final numbers."""
     from storyllama.sample import TextStream, beam_search, generate
     t_start = time.perf_counter()
@@ -199,7 +213,7 @@ def write(store: ModelStore, model_path: str, prompt: str, mode: str, temperatur
     try:
         cfg = sample_config(mode, temperature, top_k, top_p, repetition_penalty, max_length, seed, stories, beams,
                             length_penalty)
-        lm, ids = _load_and_encode(store, model_path, prompt, cfg.max_new_tokens)
+        lm, ids = _load_and_encode(store, model_path, prompt, cfg.max_new_tokens, (words, features, summary))
     except ServeError as e:
         yield "", f"error: {e}"
         return
@@ -403,6 +417,13 @@ def build_app(store: ModelStore, runs: list[str], watch_every: float = 5.0):
                 stories = gr.Number(value=1, precision=0, label=f"Stories (1-{MAX_STORIES})")
                 beams = gr.Number(value=4, precision=0, label=f"Beams (beam mode, 1-{MAX_BEAMS})")
                 length_penalty = gr.Number(value=1.0, label="Length penalty (beam mode)")
+            with gr.Accordion("Story request (a model tuned on requests: make instruct)", open=False):
+                with gr.Row():
+                    words = gr.Textbox(value="", label="Words the story must use (comma-separated)",
+                                       placeholder="kite, rain", elem_id="words")
+                    features = gr.CheckboxGroup(list(REQUEST_FEATURES), value=[], label="Features",
+                                                elem_id="features")
+                summary = gr.Textbox(value="", label="Summary (optional)", elem_id="summary")
             button = gr.Button("Write a story", variant="primary", elem_id="write-btn")
             story = gr.Textbox(label="Story", lines=14, elem_id="story", interactive=False)
             status = gr.Textbox(label="Status", lines=1, elem_id="status", interactive=False)
@@ -411,7 +432,8 @@ def build_app(store: ModelStore, runs: list[str], watch_every: float = 5.0):
 
             button.click(write_story,
                          [model, prompt, mode, temperature, top_k, top_p, repetition_penalty, max_length, seed,
-                          stories, beams, length_penalty], [story, status], api_name="write", concurrency_limit=1)
+                          stories, beams, length_penalty, words, features, summary], [story, status], api_name="write",
+                         concurrency_limit=1)
         with gr.Tab("Watch", id="watch"):
             with gr.Row():
                 run = gr.Textbox(value=default, label="Run directory", scale=4, elem_id="watch-run")

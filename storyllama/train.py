@@ -62,6 +62,7 @@ from storyllama.kernels import resolve_backend
 from storyllama.locking import DirLock
 from storyllama.metrics import Metrics, check_wandb_login, peak_flops
 from storyllama.model import Llama
+from storyllama.optim import Ema, MuonAdamW, build_optimizer
 
 log = logging.getLogger("storyllama")
 
@@ -90,6 +91,10 @@ def resolve_config(cfg: TrainConfig, args: argparse.Namespace) -> tuple[TrainCon
         merged.pop("total_iters", None)
     resolved = TrainConfig(**merged)
     changed = {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v and k not in _PER_INVOCATION}
+    if resolved.optimizer != saved.get("optimizer", "adamw"):
+        raise ValueError(f"{ckpt} was trained with --optimizer {saved.get('optimizer', 'adamw')}; its optimizer state "
+                         f"cannot continue as {resolved.optimizer}: resume with the same --optimizer, or start a new "
+                         "run from its weights with --init_from")
     if changed and int(os.environ.get("RANK", "0")) == 0:
         log.info("resuming %s with changed settings: %s", ckpt,
                  ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
@@ -198,6 +203,7 @@ class Run:
     tokens_per_step: int
     describe: str  # kernels, compile, fused loss: for the log
     host_reads: Counter = field(default_factory=Counter)  # device -> host reads by purpose (tests count them)
+    ema: Ema | None = None  # --ema_decay: the averaged weights, updated after every optimizer step
 
 
 @dataclass
@@ -267,9 +273,9 @@ def build_run(cfg: TrainConfig, args: argparse.Namespace, d: Dist, device: torch
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     raw_model = Llama(mcfg, kernels=backend, fused_ce=fused_ce).to(device)
-    # Fused AdamW (CPU and CUDA) skips a step on the device when `found_inf` is set: no host sync.
-    optimizer = torch.optim.AdamW(raw_model.param_groups(cfg.weight_decay), lr=cfg.max_lr,
-                                  betas=(cfg.beta1, cfg.beta2), fused=device.type in ("cuda", "cpu"))
+    if cfg.zero_init and ckpt is None and init_from is None:  # an init choice: fresh runs only
+        raw_model.zero_output_projections()
+    optimizer = build_optimizer(raw_model, cfg, device)
     if init_from is not None:  # weights only; the optimizer, step and data position start fresh
         from storyllama.importer import init_weights_from
 
@@ -278,14 +284,19 @@ def build_run(cfg: TrainConfig, args: argparse.Namespace, d: Dist, device: torch
             log.info("fine-tuning from %s: its weights, a fresh optimizer, step 0", source)
     if ckpt is not None:
         checkpoint.load_weights(raw_model, ckpt)
+        # The saved state brings its groups' hyper-parameters back (betas, weight decay, fused, ...); this run's
+        # settings win: a flag changed on resume is applied, and a state saved by an unfused optimizer does
+        # not switch ours off. (The lr is set at every step.)
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         checkpoint.load_optimizer(optimizer, ckpt)
-        for group in optimizer.param_groups:  # a state saved by an unfused optimizer must not switch ours off
-            group.update(fused=optimizer.defaults["fused"], foreach=None)
+        for group, mine in zip(optimizer.param_groups, settings, strict=True):
+            group.update(mine)
         data_state = state.get("data")  # none in an imported run: its training starts at the first window
         if data_state is not None and not cfg.eval_only:  # (scoring needs no stream position)
             # one global position (any world size with the same tokens per step); older checkpoints kept one
             # per rank, all at the same position
             batches.load_state_dict(data_state.get("0", data_state))
+    ema = _build_ema(raw_model, cfg, ckpt, d)
     model, ddp = raw_model, None
     if d.enabled:
         # broadcast_buffers=False: the only buffers are the RoPE tables, identical on every rank; broadcasting
@@ -297,7 +308,20 @@ def build_run(cfg: TrainConfig, args: argparse.Namespace, d: Dist, device: torch
         model = torch.compile(model)
     return Run(cfg, mcfg, d, device, autocast_dtype(cfg, device), Path(cfg.out), data_dir, meta, raw_model, model,
                ddp, optimizer, Prefetcher(batches, device), val_data, val_batch, accum, tokens_per_step,
-               f"kernels={backend}, compile={compile_}, fused_ce={fused_ce}, doc_aligned={cfg.doc_aligned}")
+               f"kernels={backend}, compile={compile_}, fused_ce={fused_ce}, optimizer={cfg.optimizer}, "
+               f"doc_aligned={cfg.doc_aligned}", ema=ema)
+
+
+def _build_ema(raw_model: Llama, cfg: TrainConfig, ckpt: Path | None, d: Dist) -> Ema | None:
+    """--ema_decay: the average starts at the run's starting weights, or continues the checkpoint's."""
+    if cfg.ema_decay == 0:
+        return None
+    ema = Ema(raw_model, cfg.ema_decay)
+    if ckpt is not None and (ckpt / checkpoint.EMA_WEIGHTS).is_file():
+        checkpoint.load_weights(ema.module, ckpt, "ema")
+    elif ckpt is not None and d.master:
+        log.info("%s has no EMA weights: the average starts from its weights now", ckpt)
+    return ema
 
 
 def _val_batch_size(val_data: TokenData, cfg: TrainConfig, T: int, d: Dist, data_dir: Path) -> int:
@@ -321,7 +345,7 @@ def train_step(run: Run, prog: Progress, nan_here: bool = False) -> tuple[torch.
     cfg, d = run.cfg, run.d
     lr = cfg.lr_at(prog.step)
     for group in run.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's group: muon_lr / max_lr on the same schedule
     # Dropout randomness is a function of (seed, step, rank): a resumed run draws the same masks.
     torch.manual_seed(cfg.seed + 1_000_003 * (prog.step + 1) + 7919 * d.rank)
     loss_sum = torch.zeros((), device=run.device)
@@ -347,6 +371,8 @@ def train_step(run: Run, prog: Progress, nan_here: bool = False) -> tuple[torch.
     ok = torch.isfinite(grad_norm) & torch.isfinite(loss_sum)  # one decision, identical on every rank
     _optimizer_step(run.optimizer, ok)
     run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.update()
     prog.bad_run.add_(1).mul_(~ok)
     torch.maximum(prog.worst_run, prog.bad_run, out=prog.worst_run)
     prog.skipped.add_(~ok)
@@ -367,8 +393,11 @@ def _loss_kwargs(run: Run) -> tuple[dict, float]:
 
 def _optimizer_step(optimizer: torch.optim.Optimizer, ok: torch.Tensor) -> None:
     """Update when `ok`, on the device: fused AdamW leaves weights, moments and step count as they were when
-    `found_inf` is 1 (the mechanism AMP's GradScaler uses)."""
-    if optimizer.defaults.get("fused"):
+    `found_inf` is 1 (the mechanism AMP's GradScaler uses); Muon + AdamW keeps Muon's weights and momentum by
+    selecting the old ones (storyllama/optim.py)."""
+    if isinstance(optimizer, MuonAdamW):
+        optimizer.step(ok)
+    elif optimizer.defaults.get("fused"):
         optimizer.found_inf = (~ok).float()
         optimizer.step()
     elif bool(ok):  # unfused optimizers (other devices) need the host to decide
@@ -550,15 +579,24 @@ def evaluate(model: torch.nn.Module, data: TokenData, cfg: TrainConfig, batch_si
 
 
 def evaluate_and_log(run: Run, prog: Progress, metrics: Metrics | None) -> bool:
-    """Evaluate, log, sample a story (rank 0); True when this is the best validation loss so far."""
-    val = _host(run, "eval", evaluate(run.model, run.val_data, run.cfg, run.val_batch, run.mcfg.block_size,
-                                      run.device, run.amp, run.d))[0]
+    """Evaluate (the EMA weights too, with --ema_decay), log, sample a story (rank 0); True when this is the best
+    validation loss so far. With an EMA, `best` goes by the EMA's loss: those are the weights sample and
+    export use."""
+    losses = [evaluate(m, run.val_data, run.cfg, run.val_batch, run.mcfg.block_size, run.device, run.amp, run.d)
+              for m in (run.model, *([run.ema.module] if run.ema is not None else []))]
+    vals = _host(run, "eval", *losses)
+    val = vals[-1]  # the loss that picks `best`: the EMA's when there is one
     is_best = val < prog.best_val
     prog.best_val = min(prog.best_val, val)
     if metrics is not None:
-        bpb = val / math.log(2) / bytes_per_token(run.meta, "val")
-        rec = {"step": prog.step, "val_loss": val, "val_bpb": bpb, "tokens": prog.tokens_seen}
-        log.info("step %d: val loss %.4f, %.4f bits per byte%s", prog.step, val, bpb, " (best)" if is_best else "")
+        bpb = [v / math.log(2) / bytes_per_token(run.meta, "val") for v in vals]
+        rec = {"step": prog.step, "val_loss": vals[0], "val_bpb": bpb[0], "tokens": prog.tokens_seen}
+        ema = ""
+        if run.ema is not None:
+            rec.update(val_loss_ema=vals[1], val_bpb_ema=bpb[1])
+            ema = f"; EMA {vals[1]:.4f}, {bpb[1]:.4f} bits per byte"
+        log.info("step %d: val loss %.4f, %.4f bits per byte%s%s", prog.step, vals[0], bpb[0], ema,
+                 " (best)" if is_best else "")
         if run.cfg.sample_tokens > 0:
             rec["sample"] = sample_text(run)  # bin/serve's Watch tab shows the latest
             log.info("  sample: %s", rec["sample"].replace("\n", " "))
@@ -580,7 +618,7 @@ def sample_text(run: Run) -> str:
         return "(prompt longer than the context: no sample)"
     scfg = SampleConfig(prompt=[cfg.prompt], max_new_tokens=min(cfg.sample_tokens, room), temperature=cfg.temperature,
                         top_k=50, seed=cfg.seed)
-    sampler = copy.deepcopy(run.raw_model).eval()
+    sampler = copy.deepcopy(run.ema.module if run.ema is not None else run.raw_model).eval()  # what bin/sample uses
     out = generate(sampler, [prompt], scfg, eot_id=enc.eot_token, vocab_limit=enc.n_vocab)
     return cfg.prompt + enc.decode([t for t in out[0] if t < enc.n_vocab and t != enc.eot_token])
 
@@ -608,7 +646,7 @@ def save(run: Run, prog: Progress, is_best: bool = False) -> Path | None:
               "tokenizer_sha256": run.meta["tokenizer"].get("sha256")}
         try:
             path = checkpoint.save(run.run_dir, prog.step, run.raw_model, run.optimizer, st, run.data_dir,
-                                   cfg.keep_last, is_best)
+                                   cfg.keep_last, is_best, ema=run.ema.module if run.ema is not None else None)
         except checkpoint.CheckpointWriteError as e:
             raise TrainingError(f"could not write a checkpoint: {e}. Earlier checkpoints are untouched; fix that "
                                 "(free disk space, permissions) or choose another --out, then --resume auto") from e
@@ -625,13 +663,18 @@ def _eval_only(cfg: TrainConfig, args: argparse.Namespace, d: Dist, device: torc
     if ckpt is None:
         raise ValueError("--eval_only needs a checkpoint: --resume CKPT_DIR (or --resume auto with --out RUN_DIR)")
     run = build_run(cfg, args, d, device, ckpt, state)
-    val = evaluate(run.model, run.val_data, replace(cfg, eval_iters=0), run.val_batch, run.mcfg.block_size, device,
-                   run.amp, d).item()
-    bpb = val / math.log(2) / bytes_per_token(run.meta, "val")
-    if d.master:
-        log.info("%s on the whole val split of %s (%d tokens): loss %.4f, %.4f bits per byte", ckpt, run.data_dir,
-                 run.val_data.num_tokens, val, bpb)
-    return {"step": state.get("step", 0), "val_loss": val, "val_bpb": bpb, "model": run.raw_model}
+    out = {"step": state.get("step", 0), "model": run.raw_model}
+    for suffix, model in (("", run.model), ("_ema", run.ema.module if run.ema is not None else None)):
+        if model is None:
+            continue
+        val = evaluate(model, run.val_data, replace(cfg, eval_iters=0), run.val_batch, run.mcfg.block_size, device,
+                       run.amp, d).item()
+        out[f"val_loss{suffix}"], out[f"val_bpb{suffix}"] = val, val / math.log(2) / bytes_per_token(run.meta, "val")
+        if d.master:
+            log.info("%s%s on the whole val split of %s (%d tokens): loss %.4f, %.4f bits per byte", ckpt,
+                     " (EMA weights)" if suffix else "", run.data_dir, run.val_data.num_tokens, val,
+                     out[f"val_bpb{suffix}"])
+    return out
 
 
 def _finish(run: Run, prog: Progress, stopped_by: str | None) -> dict:

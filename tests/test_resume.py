@@ -186,10 +186,12 @@ def test_clip_zero_means_no_clipping(builtin_data, tmp_path):
     assert any(not torch.equal(runs["0"][k], runs["1e-6"][k]) for k in runs["0"])
 
 
-@pytest.mark.parametrize("extra", [[], ["--doc_aligned"]])
-def test_the_training_step_never_reads_the_device(builtin_data, tmp_path, monkeypatch, extra):
+@pytest.mark.parametrize("recipe", [[], ["--optimizer", "muon", "--ema_decay", "0.9"], ["--doc_aligned"]],
+                         ids=["adamw", "muon_ema", "doc_aligned"])
+def test_the_training_step_never_reads_the_device(builtin_data, tmp_path, monkeypatch, recipe):
     """Every way a tensor's value reaches Python (item, tolist, bool, float, int) is counted while the loop is
-    inside train_step; the loop's own reads go through one counted helper, at log steps only."""
+    inside train_step; the loop's own reads go through one counted helper, at log steps only. Also with Muon
+    (its skip is a select on the device) and the EMA update."""
     import storyllama.train as T
 
     calls: list[str] = []
@@ -215,7 +217,7 @@ def test_the_training_step_never_reads_the_device(builtin_data, tmp_path, monkey
     monkeypatch.setattr(T, "train_step", watched)
     cfg, ns = T.parse_config(args(builtin_data, tmp_path / "run", "--batch_size", "2", "--total_iters", "12",
                                   "--log_interval", "4", "--save_interval", "1000", "--total_batch_size", "256",
-                                  *extra))
+                                  *recipe))
     summary = T.train(cfg, ns)
     assert summary["step"] == 12 and calls == [], calls
     assert summary["host_reads"]["report"] == 3  # steps 4, 8, 12
@@ -369,3 +371,13 @@ def test_eval_only_scores_a_plain_checkpoint_with_document_masking(builtin_data,
         doc = [model(x, y, doc_eot=val.eot_id).double() for x, y in val_batches(val, 2, 64)]
     assert scored["true"] == pytest.approx(float(sum(doc) / len(doc)), rel=1e-6)
     assert abs(scored["true"] - scored["false"]) > 1e-4
+
+
+def test_a_flag_changed_on_resume_reaches_the_optimizer(builtin_data, tmp_path):
+    """The saved optimizer state carries its groups' betas and weight decay; the resumed run's flags win."""
+    out = tmp_path / "run"
+    assert train_main(args(builtin_data, out, "--batch_size", "2", "--total_iters", "2")) == 0
+    assert train_main(["--data", str(builtin_data), "--out", str(out), "--resume", "auto", "--total_iters", "3",
+                       "--weight_decay", "0.5", "--beta2", "0.99"]) == 0
+    groups = torch.load(checkpoint.resolve(out) / "optimizer.pt", weights_only=True)["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.5, 0.0] and all(g["betas"] == (0.9, 0.99) for g in groups)

@@ -420,7 +420,7 @@ def test_load_for_sampling_takes_triton_ops_on_cuda_and_reference_ops_on_cpu(sav
     asked: dict[str, str] = {}
     real = checkpoint.load_model
 
-    def recording_load_model(path, device="cpu", dtype=None, kernels="reference"):
+    def recording_load_model(path, device="cpu", dtype=None, kernels="reference", weights="auto"):
         asked[torch.device(device).type] = kernels
         return real(path, device="cpu", kernels="reference")
 

@@ -93,6 +93,32 @@ def test_greedy_story_is_the_samplers(client, run_dir):
     assert story == "Lily had a" + enc.decode(ids)
 
 
+def test_story_request_fields_prompt_with_the_training_template(client, run_dir):
+    """Words, features and a summary in the Write tab: the prompt is the request as bin/sample builds it
+    (request_prompt, the instruct stage's template), the prompt box the story's first words; the story shown is
+    those words and what follows. The same call without the three fields is unchanged (defaults)."""
+    import torch
+
+    from storyllama.config import SampleConfig
+    from storyllama.sample import generate, load_for_sampling, request_prompt
+
+    k = {**KNOBS, "max_length": 30}
+    story, status = client.predict(str(run_dir), "Lily", "greedy", k["temperature"], k["top_k"], k["top_p"],
+                                   k["repetition_penalty"], k["max_length"], k["seed"], k["stories"], k["beams"],
+                                   k["length_penalty"], "kite, rain", ["dialogue", "happy_ending"], "A kite.",
+                                   api_name="/write")
+    assert not status.startswith("error"), status
+    model, enc, _ = load_for_sampling(str(run_dir), torch.device("cpu"), torch.float32)
+    prompt = request_prompt(enc, "kite,rain", "dialogue,happy_ending", "A kite.", "Lily")
+    assert enc.decode(prompt).startswith("Words: kite, rain\nFeatures: Dialogue, HappyEnding\nSummary: A kite.\n")
+    ids = generate(model, [prompt], SampleConfig(max_new_tokens=30, temperature=0.0), enc.eot_token, enc.n_vocab)[0]
+    assert story == "Lily" + enc.decode(ids)
+    _, status = client.predict(str(run_dir), "", "greedy", k["temperature"], k["top_k"], k["top_p"],
+                               k["repetition_penalty"], k["max_length"], k["seed"], k["stories"], k["beams"],
+                               k["length_penalty"], "", ["dialogue"], "  ", api_name="/write")
+    assert not status.startswith("error"), status  # features alone make a request; an empty story start is fine
+
+
 def test_several_stories_and_beams(client, run_dir):
     story, status = write(client, str(run_dir), stories=2, seed=3)
     assert "--- story 1 ---" in story and "--- story 2 ---" in story, story
