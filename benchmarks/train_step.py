@@ -1,6 +1,10 @@
 """Measure training throughput and peak RSS of one configuration in a fresh process.
 
     python benchmarks/train_step.py --preset storyllama-88m --batch 4 --block 512 [--compile] [--fused_ce]
+                                    [--doc_aligned]
+
+--doc_aligned: the windows hold stories of 50 to 400 tokens, each ending with an EOT, and the step runs with
+document masking (the model's (B, 1, T, T) story mask instead of SDPA's is_causal).
 
 Prints one JSON line: tokens/s over the timed steps (after warm-up steps, which include compilation),
 achieved GFLOP/s (6 N + attention FLOPs per token), and the process's peak RSS in MB. A fresh
@@ -31,6 +35,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--doc_aligned", action="store_true")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -44,9 +49,16 @@ def main() -> None:
     step_model = torch.compile(model) if a.compile else model
     x = torch.randint(0, cfg.vocab_size, (a.batch, a.block))
     y = torch.randint(0, cfg.vocab_size, (a.batch, a.block))
+    kw = {}
+    if a.doc_aligned:
+        eot = cfg.vocab_size - 1
+        for row in x:  # stories of 50..400 tokens (TinyStories: ~200 with GPT-2's tokenizer)
+            ends = torch.randint(50, 400, (a.block // 50,)).cumsum(0)
+            row[ends[ends < a.block]] = eot
+        kw = {"doc_eot": eot}
 
     def step() -> float:
-        loss = step_model(x, y)
+        loss = step_model(x, y, **kw)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -148,6 +148,8 @@ class TrainConfig:
     kernels: str = "auto"  # auto | triton | reference
     fused_ce: bool | None = None  # None: on (chunked linear + cross-entropy, no full logits)
     seed: int = 1337
+    # windows start at story starts; attention and the loss stay inside each story (training and evaluation)
+    doc_aligned: bool = False
     # samples printed at each eval
     prompt: str = "Once upon a time"
     sample_tokens: int = 64  # 0: no sample at evals

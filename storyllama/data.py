@@ -16,6 +16,22 @@ but fewer than G of them), and a step reads the same G windows whatever W, B and
 is the same. The position is saved as windows consumed, a number that does not depend on W: a run
 saved by W processes resumes on W' with another micro-batch or accumulation when G stays the same.
 
+Document-aligned training (`RandomBatches(..., doc_aligned=True)`, `bin/train --doc_aligned`): every
+story is followed by the end-of-text token, so a story starts at shard position 0 or right after an EOT.
+The stories of each shard are indexed once, when the RandomBatches is built (one numpy pass over the
+shard), and the shard is tiled with windows that start at story starts: a window starts at a story start s;
+the next one starts at the start of the story that the window cuts (the last story start at or before
+s + block_size + 1), so a cut story is read again from its beginning and every story that fits in a
+window is seen whole, from its own start, at least once per epoch. A story longer than block_size goes on at
+s + k * block_size (k >= 1). A shard's last window ends at the shard's end (its start moved back to
+size - block_size - 1), so every token but a story's first is a target at least once per epoch (a story's
+first token follows the previous story's EOT: the model masks that target, see Llama.forward). The cut
+stories read twice cost about half a story per window (measured on TinyStories in the README); one window
+per story start would read each token about block_size / story length times. The epoch permutation is
+over these windows, with the same stepping rule, and no per-epoch shift; `window_targets` counts each
+window's scored targets (block_size minus the EOTs among its inputs) so the trainer can divide a step's
+summed loss by the step's count: the same loss whatever the world size, micro-batch and accumulation.
+
 Validation (`val_batches`) walks the windows in order: global batch k is windows kB..kB+B-1, and
 rank r takes batches r, r + W, r + 2W, ... (the same number on every rank).
 
@@ -165,7 +181,11 @@ class TokenData:
         Window k of a shard starts at token shift + k * block_size."""
         shard_of = np.searchsorted(cum_windows, window_ids, side="right") - 1
         starts = (window_ids - cum_windows[shard_of]) * block_size + shift
-        out = np.empty((len(window_ids), block_size + 1), dtype=np.int64)
+        return self.gather_at(shard_of, starts, block_size)
+
+    def gather_at(self, shard_of: np.ndarray, starts: np.ndarray, block_size: int) -> np.ndarray:
+        """Windows of block_size + 1 tokens at token `starts` of shards `shard_of` -> int64 (len, block_size + 1)."""
+        out = np.empty((len(starts), block_size + 1), dtype=np.int64)
         offsets = np.arange(block_size + 1, dtype=np.int64)
         for s in np.unique(shard_of):
             rows = np.nonzero(shard_of == s)[0]
@@ -197,6 +217,45 @@ class TokenData:
                         "tokenizer; prepare the data again")
 
 
+_INDEX_CHUNK = 1 << 24  # tokens compared with the EOT at a time: bounds the index's temporary to 16 MB
+
+
+def eot_positions(shard: np.ndarray, eot_id: int) -> np.ndarray:
+    """Positions of the end-of-text token in a shard (int64, sorted): one pass, in chunks."""
+    parts = [np.flatnonzero(shard[i : i + _INDEX_CHUNK] == eot_id) + i for i in range(0, shard.size, _INDEX_CHUNK)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def doc_window_starts(size: int, eots: np.ndarray, block_size: int) -> np.ndarray:
+    """Document-aligned window starts of a shard of `size` tokens with EOTs at `eots` (see the module docstring).
+
+    Candidates are the story starts (0 and every position after an EOT) and, inside a story [s, n) longer
+    than a window, s + k * T while a target of the story is left (s + k * T < n - 1). From a window at c in
+    story s the next window is the last story start a <= c + T + 1 (the story the window cuts, or the next
+    one) when a > s, else the story's next chunk c + T. The chain stops at the first window that does not
+    fit, moved back to end at the shard's end."""
+    T = block_size
+    starts = np.concatenate([[0], eots[eots + 1 < size] + 1]).astype(np.int64)  # story starts
+    ends = np.append(starts[1:], size)  # each story's end (the next story's start)
+    chunks = np.maximum(1, -(-(ends - 1 - starts) // T))  # windows a story needs on its own: ceil((n - 1 - s) / T)
+    first = np.cumsum(chunks) - chunks  # candidate index of each story's start
+    story = np.repeat(np.arange(len(starts)), chunks)  # (candidates,) the story of each candidate
+    cand = starts[story] + (np.arange(int(chunks.sum())) - first[story]) * T  # (candidates,) sorted
+    cut = np.searchsorted(starts, cand + T + 1, side="right") - 1  # last story start <= c + T + 1
+    n = len(cand)
+    jump = np.append(np.where(cut > story, first[cut], np.arange(1, n + 1)), n)  # (n + 1,) next window; n: the end
+    on = np.zeros(n + 1, dtype=bool)  # candidates on the chain from 0, found by pointer doubling: after round k,
+    on[0] = True  # the first 2^k windows (log2(windows) rounds of numpy, not one Python step per window)
+    while not on[n]:
+        on[jump[on]] = True
+        jump = jump[jump]
+    w = cand[on[:n]]
+    last = size - T - 1
+    if w[-1] > last:  # the chain's first window that does not fit ends the chain, moved back to end at size
+        w = np.append(w[w < last], last)
+    return w
+
+
 def _to_xy(windows: np.ndarray, masks: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     t = torch.from_numpy(windows)  # (B, T + 1) int64
     x, y = t[:, :-1].contiguous(), t[:, 1:].contiguous()  # (B, T), (B, T)
@@ -208,24 +267,42 @@ def _to_xy(windows: np.ndarray, masks: np.ndarray | None = None) -> tuple[torch.
 class RandomBatches:
     """Shuffled training batches; batch n is a pure function of (seed, n, rank, world_size).
 
+    doc_aligned: windows start at story starts (the module docstring); no per-epoch shift then.
+
     Each epoch draws a permutation of the windows and, when every shard has room for it, a shift in
     [0, block_size) of all window starts: over several epochs the model sees the text cut at different
     places instead of the same windows again (cheap augmentation on small corpora)."""
 
     def __init__(self, data: TokenData, batch_size: int, block_size: int, seed: int, rank: int = 0,
-                 world_size: int = 1, accum: int = 1):
+                 world_size: int = 1, accum: int = 1, doc_aligned: bool = False):
         if batch_size < 1 or world_size < 1 or accum < 1 or not 0 <= rank < world_size:
             raise DataError(f"need batch_size, accum >= 1 and 0 <= rank < world_size (got batch_size {batch_size}, "
                             f"accum {accum}, rank {rank}, world_size {world_size})")
         self.data, self.batch_size, self.block_size = data, batch_size, block_size
         self.seed, self.rank, self.world_size, self.accum = seed, rank, world_size, accum
+        self.doc_aligned = doc_aligned
         per_shard = data.windows_per_shard(block_size)
         # With a shift s < block_size, window k ends at s + (k + 1) * block_size + 1 <= size when there are
         # (size - block_size) // block_size windows: the count stays the same whatever the shift.
         shifted = np.array([(mm.size - block_size) // block_size for mm in data.shards], dtype=np.int64)
-        self.shifts = bool((shifted >= 1).all())
+        self.shifts = bool((shifted >= 1).all()) and not doc_aligned
         if self.shifts:
             per_shard = shifted
+        if doc_aligned and data.masks is not None:
+            raise DataError(f"--doc_aligned does not take request/story data yet ({data.data_dir} has loss masks): "
+                            "train it without --doc_aligned")
+        if doc_aligned:  # index the stories once: windows start at story starts
+            starts, targets = [], []
+            for mm in data.shards:
+                eots = eot_positions(mm, data.eot_id)
+                w = doc_window_starts(mm.size, eots, block_size)
+                starts.append(w)
+                # scored targets: block_size minus the EOTs among the window's inputs [w, w + T)
+                targets.append(block_size - (np.searchsorted(eots, w + block_size) - np.searchsorted(eots, w)))
+            per_shard = np.array([len(w) for w in starts], dtype=np.int64)
+            self.win_shard = np.repeat(np.arange(len(starts)), per_shard)  # (num_windows,) shard of each window
+            self.win_start = np.concatenate(starts)  # (num_windows,) its first token in that shard
+            self.window_targets = np.concatenate(targets)  # (num_windows,) its scored targets
         self.cum_windows = np.concatenate([[0], np.cumsum(per_shard)])
         self.num_windows = int(self.cum_windows[-1])
         self.windows_per_step = world_size * batch_size * accum  # G: one optimizer step, all ranks
@@ -271,8 +348,19 @@ class RandomBatches:
     def batch_at(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y), int64 CPU tensors of shape (B, T), of the batch at stream `position`."""
         ids = self.window_ids(position)  # also sets this epoch's shift
+        if self.doc_aligned:  # (no loss masks: refused when built)
+            return _to_xy(self.data.gather_at(self.win_shard[ids], self.win_start[ids], self.block_size))
         return _to_xy(self.data.gather(ids, self.block_size, self.cum_windows, self._shift),
                       self.data.gather_masks(ids, self.block_size, self.cum_windows, self._shift))
+
+    def step_targets(self, position: int) -> int:
+        """Document-aligned: the scored targets of the whole optimizer step (all ranks, all micro-steps) that
+        micro-batch `position` belongs to. A pure function of (seed, position): every rank knows it without
+        a collective, and it is the same for any W, B and A with the same G."""
+        epoch, p = divmod(position, self.batches_per_epoch)
+        k = p // self.accum
+        ids = self._epoch_order(epoch)[k * self.windows_per_step : (k + 1) * self.windows_per_step]
+        return int(self.window_targets[ids].sum())
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         batch = self.batch_at(self.position)
@@ -289,7 +377,7 @@ class RandomBatches:
             raise DataError("the data position can only be saved between optimizer steps")
         return {"windows": self.position // self.accum * self.windows_per_step,
                 "windows_per_step": self.windows_per_step, "seed": self.seed, "block_size": self.block_size,
-                "num_windows": self.num_windows, "split": self.data.split}
+                "num_windows": self.num_windows, "split": self.data.split, "doc_aligned": self.doc_aligned}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue the stream saved in `state`, on any world size with the same windows per optimizer step;
@@ -297,6 +385,12 @@ class RandomBatches:
         if "windows" not in state:  # written before positions were global: this rank's micro-batches
             state = {**state, "windows": state["position"] * state["world_size"] * state["batch_size"],
                      "windows_per_step": state["world_size"] * state["batch_size"] * self.accum}
+        saved_aligned = bool(state.get("doc_aligned", False))  # positions saved before the flag: plain windows
+        if saved_aligned != self.doc_aligned:
+            raise DataError(f"the run was saved with --doc_aligned {str(saved_aligned).lower()}; this one has "
+                            f"--doc_aligned {str(self.doc_aligned).lower()}: the windows differ, so its data position "
+                            f"means nothing here. Resume with --doc_aligned {str(saved_aligned).lower()}, or start a "
+                            "new run (--init_from keeps the weights)")
         for key in ("seed", "block_size", "num_windows"):
             if key in state and state[key] != getattr(self, key):
                 raise DataError(f"the saved data position has {key} {state[key]}, but this run has "

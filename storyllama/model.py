@@ -6,6 +6,9 @@ chosen once at construction: Triton kernels on CUDA, the plain PyTorch reference
 
 Two ways to run it:
 - training / scoring: `model(idx, targets)` -> mean loss; `model(idx)` -> logits (B, T, V);
+- document masking: `model(idx, targets, doc_eot=EOT)` keeps attention inside each story of a packed window
+  (see `doc_mask`) and ignores the target after each EOT (the next story's first token, which only the
+  previous story could predict);
 - generation: `model.setup_caches(batch, max_len)` then `model(idx, positions=..., cache_pos=...,
   attn_mask=...)` writes k and v into the preallocated cache slots `cache_pos` and attends to the
   cache under `attn_mask`. `storyllama.sample` builds those tensors.
@@ -52,6 +55,19 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
+def doc_mask(idx: torch.Tensor, eot: int) -> torch.Tensor:
+    """(B, 1, T, T) bool attention mask of token ids idx (B, T), True = attend: causal, and inside one story.
+
+    A token's segment is the number of EOTs strictly before it (an EOT belongs to the story it ends); token i
+    attends to j <= i of the same segment. Built on idx's device, no host sync. RoPE scores depend only on
+    relative positions, so a story that starts in the middle of a window is scored as at position 0."""
+    T = idx.shape[1]
+    is_eot = idx == eot  # (B, T)
+    seg = is_eot.cumsum(1) - is_eot.long()  # (B, T) EOTs strictly before each position
+    causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()  # (T, T)
+    return ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
+
+
 def _cuda_rules(q: torch.Tensor) -> bool:
     """Whether CUDA's SDPA kernel constraints apply to q (a function, so tests can apply them on CPU)."""
     return q.is_cuda
@@ -63,15 +79,18 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.T
 
     q (B, H, T, D); k, v (B, Hkv, S, D), each kv head shared by H / Hkv consecutive query heads.
     attn_mask (B or 1, 1, T, S) bool, True = attend; None = causal (training, T == S). -> (B, H, T, D).
+    Masks come from the sampler (prefill and decode against the KV cache) and from document masking in
+    training (`doc_mask`, T == S); both take the mask paths below.
 
     Which kernel takes `F.scaled_dot_product_attention` on CUDA (torch's sdp_utils checks): flash accepts
     enable_gqa but neither a mask nor fp32; memory-efficient accepts a mask and fp32 but not enable_gqa;
     anything else falls to the math kernel, which materialises the (T, S) scores. So on CUDA:
     - no mask, half precision: enable_gqa (flash);
     - no mask, fp32: k and v expanded to H heads (repeat_interleave) for the memory-efficient kernel;
-    - a mask (prefill and decode against the KV cache): the H / Hkv query heads of each group are folded
-      into the query-length axis, q (B, Hkv, rep * T, D) against the cache's own k, v (B, Hkv, S, D), the
-      mask repeated per head: the same dot products, no copy of the cache, no enable_gqa (memory-efficient).
+    - a mask (prefill and decode against the KV cache; document-masked training): the H / Hkv query heads of
+      each group are folded into the query-length axis, q (B, Hkv, rep * T, D) against the cache's own k, v
+      (B, Hkv, S, D), the mask repeated per head: the same dot products, no copy of the cache, no enable_gqa
+      (memory-efficient; in training it takes the place of flash, and its mask costs B x rep x T x T per call).
     On CPU the flash kernel takes enable_gqa with or without a mask, in fp32 and bf16 (not with dropout:
     nothing fused does there), and is faster so than folded (one decode token, 88m shapes, 1 thread:
     52 us vs 125 us per call): enable_gqa throughout.
@@ -114,7 +133,7 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or Hkv, T, D)
         dropout = self.dropout if self.training else 0.0
         if self.cache is None:
-            y = attend(q, k, v, None, dropout)
+            y = attend(q, k, v, attn_mask, dropout)  # attn_mask: None (causal) or a document mask
         else:
             k, v = self.cache.update(cache_pos, k, v)  # (B, Hkv, S, D)
             # The cache may be wider than the weights (fp32 beside bf16 weights on CPU, where bf16 SDPA is
@@ -195,9 +214,16 @@ class Llama(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------------
     def hidden_states(self, idx: torch.Tensor, positions: torch.Tensor | None = None,
-                      cache_pos: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Final-norm hidden states (B, T, dim) of token ids idx (B, T)."""
+                      cache_pos: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                      doc_eot: int | None = None) -> torch.Tensor:
+        """Final-norm hidden states (B, T, dim) of token ids idx (B, T).
+        doc_eot: attend only inside each story, stories ending at this token id (`doc_mask`)."""
         B, T = idx.shape
+        if doc_eot is not None:
+            if attn_mask is not None or cache_pos is not None:
+                raise ValueError("doc_eot builds its own attention mask: it does not combine with attn_mask or a "
+                                 "KV cache")
+            attn_mask = doc_mask(idx, doc_eot)  # (B, 1, T, T), shared by every layer
         if positions is None:
             if T > self.cfg.block_size:
                 raise ValueError(f"sequence of {T} tokens is longer than the model's context "
@@ -211,12 +237,19 @@ class Llama(nn.Module):
             x = layer(x, cos, sin, cache_pos, attn_mask)
         return self.norm(x)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, **kw) -> torch.Tensor:
-        """With targets (B, T): the mean cross-entropy over targets != -100. Without: logits (B, T, V)."""
-        h = self.hidden_states(idx, **kw)
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, doc_eot: int | None = None,
+                reduction: str = "mean", **kw) -> torch.Tensor:
+        """With targets (B, T): the cross-entropy over targets != -100, its mean or ("sum") its sum. Without:
+        logits (B, T, V).
+
+        doc_eot: document masking (`doc_mask`), and the target at every position whose input is doc_eot is
+        ignored: it is the next story's first token, which the story that just ended cannot predict."""
+        h = self.hidden_states(idx, doc_eot=doc_eot, **kw)
         if targets is None:
             return F.linear(h, self.lm_head_weight)
-        return self.loss(h, targets)
+        if doc_eot is not None:
+            targets = targets.masked_fill(idx == doc_eot, -100)  # (B, T)
+        return self.loss(h, targets, reduction)
 
     def loss(self, h: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """The one loss path: fused chunked linear + cross-entropy, or full logits then cross-entropy."""

@@ -258,10 +258,11 @@ def build_run(cfg: TrainConfig, args: argparse.Namespace, d: Dist, device: torch
     train_data, val_data = TokenData(data_dir, "train"), TokenData(data_dir, "val")
     accum = grad_accum_steps(cfg, T, d.world_size)
     tokens_per_step = cfg.batch_size * T * d.world_size * accum
+    batches = RandomBatches(train_data, cfg.batch_size, T, cfg.seed, d.rank, d.world_size, accum, cfg.doc_aligned)
     if cfg.epochs is not None:  # from now on the run is that many steps; resuming keeps them
-        cfg = replace(cfg, total_iters=max(1, math.ceil(cfg.epochs * train_data.num_tokens / tokens_per_step)),
-                      epochs=None)
-    batches = RandomBatches(train_data, cfg.batch_size, T, cfg.seed, d.rank, d.world_size, accum)
+        # an epoch of document-aligned windows reads more tokens than the split holds (cut stories are read again)
+        epoch_tokens = batches.num_windows * T if cfg.doc_aligned else train_data.num_tokens
+        cfg = replace(cfg, total_iters=max(1, math.ceil(cfg.epochs * epoch_tokens / tokens_per_step)), epochs=None)
     val_batch = _val_batch_size(val_data, cfg, T, d, data_dir)
 
     backend = resolve_backend(cfg.kernels, device)
@@ -307,7 +308,8 @@ def build_run(cfg: TrainConfig, args: argparse.Namespace, d: Dist, device: torch
         model = torch.compile(model)
     return Run(cfg, mcfg, d, device, autocast_dtype(cfg, device), Path(cfg.out), data_dir, meta, raw_model, model,
                ddp, optimizer, Prefetcher(batches, device), val_data, val_batch, accum, tokens_per_step,
-               f"kernels={backend}, compile={compile_}, fused_ce={fused_ce}, optimizer={cfg.optimizer}", ema=ema)
+               f"kernels={backend}, compile={compile_}, fused_ce={fused_ce}, optimizer={cfg.optimizer}, "
+               f"doc_aligned={cfg.doc_aligned}", ema=ema)
 
 
 def _build_ema(raw_model: Llama, cfg: TrainConfig, ckpt: Path | None, d: Dist) -> Ema | None:
@@ -347,12 +349,13 @@ def train_step(run: Run, prog: Progress, nan_here: bool = False) -> tuple[torch.
     # Dropout randomness is a function of (seed, step, rank): a resumed run draws the same masks.
     torch.manual_seed(cfg.seed + 1_000_003 * (prog.step + 1) + 7919 * d.rank)
     loss_sum = torch.zeros((), device=run.device)
+    kw, scale = _loss_kwargs(run)
     for micro in range(run.accum):
         x, y = run.batches.next_batch()
         # Non-final micro-steps keep their gradients local; the last backward all-reduces, bucket by bucket.
         sync = run.ddp.no_sync() if run.ddp is not None and micro < run.accum - 1 else contextlib.nullcontext()
         with sync, torch.autocast(run.device.type, dtype=run.amp, enabled=run.amp != torch.float32):
-            loss = run.model(x, y) / run.accum
+            loss = run.model(x, y, **kw) * scale
         loss.backward()
         loss_sum += loss.detach()
     if nan_here:
@@ -374,6 +377,18 @@ def train_step(run: Run, prog: Progress, nan_here: bool = False) -> tuple[torch.
     torch.maximum(prog.worst_run, prog.bad_run, out=prog.worst_run)
     prog.skipped.add_(~ok)
     return loss_sum, grad_norm
+
+
+def _loss_kwargs(run: Run) -> tuple[dict, float]:
+    """(model kwargs, loss scale) of this step's micro-batches. Plain: the micro-batch mean / accum (every
+    micro-batch scores B x T targets). Document-aligned: the micro-batch's summed loss x W / the step's scored
+    targets (a host number, a function of the data position): after DDP's mean over ranks, the step's loss
+    and gradient are those of one mean over all its targets, whatever W, B and A are."""
+    if not run.cfg.doc_aligned:
+        return {}, 1.0 / run.accum
+    data = run.batches.batches
+    return ({"doc_eot": data.data.eot_id, "reduction": "sum"},
+            run.d.world_size / max(1, data.step_targets(data.position)))
 
 
 def _optimizer_step(optimizer: torch.optim.Optimizer, ok: torch.Tensor) -> None:
@@ -547,13 +562,14 @@ def _kept(run: Run) -> str:
 def evaluate(model: torch.nn.Module, data: TokenData, cfg: TrainConfig, batch_size: int, block_size: int,
              device: torch.device, amp: torch.dtype, d: Dist) -> torch.Tensor:
     """Mean validation loss over the first eval_iters batches of each rank, averaged over ranks (a device
-    tensor)."""
+    tensor). --doc_aligned: the same windows, scored with document masking (each story from its own start)."""
+    kw = {"doc_eot": data.eot_id} if cfg.doc_aligned else {}
     was_training = model.training
     model.eval()
     total = torch.zeros(2, device=device, dtype=torch.float64)  # (sum of losses, batches)
     for x, y in val_batches(data, batch_size, block_size, d.rank, d.world_size, cfg.eval_iters or None):
         with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
-            loss = model(x.to(device), y.to(device))
+            loss = model(x.to(device), y.to(device), **kw)
         total[0] += loss.double()
         total[1] += 1
     if d.enabled:

@@ -6,6 +6,7 @@ exactly which windows it took; one test reads a real prepared (built-in) directo
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 from pathlib import Path
@@ -16,6 +17,8 @@ import torch
 from storyllama.data_prep.shards import HEADER_BYTES, shard_name, write_shard
 
 from storyllama.data import DataError, RandomBatches, TokenData, bytes_per_token, load_meta, val_batches
+
+RandomBatchesClass = RandomBatches
 
 
 def make_data_dir(d: Path, train_sizes: list[int], val_sizes: list[int] = (500,), vocab: int = 65_536) -> Path:
@@ -41,6 +44,37 @@ def make_data_dir(d: Path, train_sizes: list[int], val_sizes: list[int] = (500,)
 def data_dir(tmp_path) -> Path:
     # Three shards of 1,601 / 1,601 / 2,001 tokens: with T = 16 that is 100 + 100 + 125 = 325 windows.
     return make_data_dir(tmp_path / "d", [1601, 1601, 2001], [801])
+
+
+EOT = 65_535  # make_data_dir's eot_id
+
+
+def make_story_dir(d: Path, T: int = 16, seed: int = 0) -> Path:
+    """Two train shards of stories (token = stream position, every story ending with EOT), of lengths around a
+    window: a bare EOT, short, about T + 1, and several windows long."""
+    rng = np.random.default_rng(seed)
+    make_data_dir(d, [1500, 1300], [600])
+    for name in ("train_000000.bin", "train_000001.bin", "val_000000.bin"):
+        from storyllama.data_prep.shards import open_shard
+
+        tokens = np.array(open_shard(d / name))
+        pos = 0
+        while pos < tokens.size:
+            pos += int(rng.choice([1, rng.integers(2, 10), rng.integers(T - 1, T + 3), rng.integers(3 * T, 5 * T)]))
+            tokens[min(pos, tokens.size) - 1] = EOT
+        write_shard(d / name, tokens)
+    return d
+
+
+@pytest.fixture
+def story_dir(tmp_path) -> Path:
+    return make_story_dir(tmp_path / "stories")
+
+
+def stories(shard: np.ndarray) -> list[tuple[int, int]]:
+    """(start, end) of every story of a shard: each ends after its EOT."""
+    ends = (np.flatnonzero(shard == EOT) + 1).tolist()
+    return list(zip([0, *ends[:-1]], ends, strict=True))
 
 
 def window_starts(x: torch.Tensor) -> list[int]:
@@ -161,10 +195,13 @@ def test_state_dict_resume_continues_the_stream(data_dir):
         b.load_state_dict({**state, "windows_per_step": 5})
 
 
-def test_a_step_reads_the_same_windows_on_any_world_size(data_dir):
+@pytest.mark.parametrize("doc_aligned", [False, True])
+def test_a_step_reads_the_same_windows_on_any_world_size(data_dir, story_dir, doc_aligned):
     """G = W x B x A windows per optimizer step: (2 ranks, B 2, A 1), (1, 4, 1) and (1, 2, 2) read the same
-    windows at every step, and a position saved by one continues in another (resume on another world size)."""
-    d = TokenData(data_dir, "train")
+    windows at every step, and a position saved by one continues in another (resume on another world size).
+    Document-aligned windows too, and each layout counts the same scored targets per step."""
+    d = TokenData(story_dir if doc_aligned else data_dir, "train")
+    RandomBatches = functools.partial(RandomBatchesClass, doc_aligned=doc_aligned)
 
     def steps(layout: list[RandomBatches], n: int, start: int = 0) -> list[set[int]]:
         A = layout[0].accum
@@ -183,6 +220,84 @@ def test_a_step_reads_the_same_windows_on_any_world_size(data_dir):
     acc[0].load_state_dict(saved)
     assert acc[0].position == 10
     assert steps(acc, 4, start=5) == steps(two, 4, start=5)
+    if doc_aligned:
+        for k in (0, 1, n - 1):
+            counted = sum(int((rb.batch_at(k * rb.accum + m)[0] != EOT).sum()) for rb in acc for m in range(2))
+            assert [rb.step_targets(k * rb.accum) for rb in (*two, *one, *acc)] == [counted] * 4
+            assert acc[0].step_targets(k * 2 + 1) == counted  # any micro-step of the step
+
+
+def test_doc_aligned_windows_start_at_story_starts_and_cover_every_target(story_dir):
+    """Every window starts at a story start (or goes on with a story longer than a window, or is a shard's
+    last window, which ends at the shard's end) and fits in its shard; every story that fits in a window is
+    read whole from its start; one epoch scores every token but the stories' first as a target."""
+    T = 16
+    d = TokenData(story_dir, "train")
+    rb = RandomBatches(d, 1, T, seed=0, doc_aligned=True)
+    assert not rb.shifts and rb.batches_per_epoch == rb.num_windows  # G = 1: an epoch is every window
+    shards = [np.asarray(mm).astype(np.int64) for mm in d.shards]
+    scored = [np.zeros(s.size, dtype=bool) for s in shards]
+    windows: list[set[int]] = [set(), set()]
+    for pos in range(rb.batches_per_epoch):
+        (w,) = rb.window_ids(pos)
+        s, c = int(rb.win_shard[w]), int(rb.win_start[w])
+        x, y = rb.batch_at(pos)
+        assert c + T + 1 <= shards[s].size
+        assert x[0].tolist() == shards[s][c : c + T].tolist() and y[0].tolist() == shards[s][c + 1 : c + T + 1].tolist()
+        assert rb.window_targets[w] == int((x != EOT).sum())  # the target after an EOT is not scored
+        scored[s][c + 1 : c + T + 1] |= (x[0] != EOT).numpy()
+        windows[s].add(c)
+    assert len(windows[0]) + len(windows[1]) == rb.num_windows  # no window twice in an epoch
+    for s, shard in enumerate(shards):
+        spans = stories(shard)
+        allowed = {a + k * T for a, b in spans for k in range(max(1, -(-(b - 1 - a) // T)))} | {shard.size - T - 1}
+        assert windows[s] <= allowed, sorted(windows[s] - allowed)
+        starts = [a for a, _ in spans]
+        assert scored[s][starts].sum() == 0 and scored[s][np.setdiff1d(np.arange(shard.size), starts)].all()
+        for a, b in spans:
+            if b - a <= T + 1:  # fits: some window holds all of it, from its start
+                assert any(c <= a and b <= c + T + 1 for c in windows[s]), (a, b)
+    # Reading cost: one epoch of aligned windows, against the split's tokens.
+    assert rb.num_windows * T < 1.5 * d.num_tokens
+
+
+def test_doc_aligned_batch_is_a_pure_function_of_seed_position_rank_and_world(story_dir):
+    d = TokenData(story_dir, "train")
+
+    def make(seed=3, rank=1, world=2):
+        return RandomBatches(TokenData(story_dir, "train"), 4, 16, seed=seed, rank=rank, world_size=world,
+                             doc_aligned=True)
+
+    a = make()
+    stream = [a.next_batch()[0] for _ in range(3 * a.batches_per_epoch)]  # three epochs
+    for n in (0, 5, a.batches_per_epoch + 1, 3 * a.batches_per_epoch - 1, 2):
+        assert torch.equal(make().batch_at(n)[0], stream[n])
+    assert not torch.equal(make(seed=4).batch_at(0)[0], stream[0])
+    ids_other_rank = {int(w) for n in range(a.batches_per_epoch) for w in make(rank=0).window_ids(n)}
+    ids_this_rank = {int(w) for n in range(a.batches_per_epoch) for w in a.window_ids(n)}
+    assert not ids_other_rank & ids_this_rank
+    assert len(ids_other_rank | ids_this_rank) > a.num_windows - 8  # all but fewer than G windows per epoch
+    plain = RandomBatches(d, 4, 16, seed=3, rank=1, world_size=2)
+    assert not torch.equal(plain.batch_at(0)[0], stream[0])
+
+
+def test_doc_aligned_state_is_saved_and_a_switch_is_refused(story_dir):
+    d = TokenData(story_dir, "train")
+    a = RandomBatches(d, 2, 16, seed=9, doc_aligned=True)
+    for _ in range(7):
+        a.next_batch()
+    state = json.loads(json.dumps(a.state_dict()))
+    assert state["doc_aligned"] is True
+    b = RandomBatches(d, 2, 16, seed=9, doc_aligned=True)
+    b.load_state_dict(state)
+    assert torch.equal(b.next_batch()[0], a.next_batch()[0])
+    plain = RandomBatches(d, 2, 16, seed=9)
+    with pytest.raises(DataError, match=r"saved with --doc_aligned true; this one has --doc_aligned false"):
+        plain.load_state_dict(state)
+    old = {k: v for k, v in plain.state_dict().items() if k != "doc_aligned"}  # saved before the flag existed
+    plain.load_state_dict(old)
+    with pytest.raises(DataError, match=r"saved with --doc_aligned false; this one has --doc_aligned true"):
+        b.load_state_dict(old)
 
 
 def test_too_few_windows_for_batch_and_world_is_clear(tmp_path):

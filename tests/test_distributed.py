@@ -73,6 +73,21 @@ def test_two_ranks_equal_one_process_on_the_same_global_batch(builtin_data, tmp_
         assert len(rec["calls"]) == 4 * len(buckets), rec
 
 
+def test_doc_aligned_two_ranks_equal_one_process(builtin_data, tmp_path):
+    """--doc_aligned: 2 ranks x micro-batch 2 x 2 accumulation == 1 process x 4 x 2. Micro-batches score
+    different numbers of targets (the one after each EOT is not scored), so this holds only because each step's
+    summed loss is divided by the step's own count of scored targets."""
+    steps = ["--total_iters", "3", "--total_batch_size", str(2 * 2 * 2 * 64), "--doc_aligned"]
+    common = ["--data", str(builtin_data), *SHAPE, *steps]
+    res = launch([*TORCHRUN, "bin/train", "--out", str(tmp_path / "ddp"), *common, "--batch_size", "2"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    single = launch([sys.executable, "bin/train", "--out", str(tmp_path / "single"), *common, "--batch_size", "4"])
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert_weights_close(final_weights(tmp_path / "ddp"), final_weights(tmp_path / "single"))
+    for (s_a, l_a), (s_b, l_b) in zip(losses(tmp_path / "ddp"), losses(tmp_path / "single"), strict=True):
+        assert s_a == s_b and abs(l_a - l_b) < 1e-5
+
+
 def test_compiled_ddp_still_all_reduces_once_per_step(builtin_data, tmp_path):
     dump = tmp_path / "dump"
     dump.mkdir()

@@ -47,6 +47,86 @@ def test_causal_future_tokens_do_not_change_past_logits():
     assert not torch.allclose(a[:, 25:], b[:, 25:])
 
 
+# -- document masking ------------------------------------------------------------------------------------
+EOT = 255
+
+
+def test_document_masking_keeps_a_story_apart_from_the_one_before():
+    """[random story, EOT, story]: with doc_eot the second story's logits and loss do not depend on the random
+    story (without it they do); the first story's do not depend on the second in either case (causality)."""
+    torch.manual_seed(0)
+    model = Llama(ModelConfig(**SMALL)).eval()
+    story = torch.randint(0, 255, (1, 24))
+    windows = []
+    for _ in range(2):
+        first = torch.randint(0, 255, (1, 16))
+        first[0, -1] = EOT
+        windows.append(torch.cat([first, story], 1))  # (1, 40): the random part differs
+    a, b = (model(w, doc_eot=EOT) for w in windows)
+    torch.testing.assert_close(a[:, 16:], b[:, 16:], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(model(windows[0])[:, 16:], model(windows[1])[:, 16:], atol=1e-3)
+    later = windows[0].clone()
+    later[:, 16:] = torch.randint(0, 255, (1, 24))
+    torch.testing.assert_close(model(later, doc_eot=EOT)[:, :16], a[:, :16], rtol=1e-5, atol=1e-5)
+    # The loss on the story: the target after the EOT (its first token, predicted across the boundary) is ignored.
+    tail = torch.randint(0, 255, (1, 1))
+    y = [torch.cat([w[:, 1:], tail], 1) for w in windows]
+    for t in y:
+        t[:, :15] = -100  # score the second story only, and the EOT's target with it
+    la, lb = (model(w, t, doc_eot=EOT) for w, t in zip(windows, y, strict=True))
+    torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(model(windows[0], y[0]), model(windows[1], y[1]), atol=1e-4)
+
+
+def test_each_story_of_a_packed_window_scores_as_if_it_were_alone():
+    """A window of three stories with doc_eot gives each story the logits of that story run alone from position
+    0 (RoPE is relative), and the loss is the mean over every target but the one after each EOT."""
+    torch.manual_seed(0)
+    model = Llama(ModelConfig(**SMALL)).eval()
+    lengths = [10, 21, 9]  # each story ends with its EOT; the last one is cut by the window
+    parts = [torch.randint(0, 255, (1, n)) for n in lengths]
+    for p in parts[:-1]:
+        p[0, -1] = EOT
+    idx = torch.cat(parts, 1)  # (1, 40)
+    targets = torch.randint(0, 255, (1, 40))
+    logits = model(idx, doc_eot=EOT)
+    starts = [0, 10, 31]
+    for p, s in zip(parts, starts, strict=True):
+        torch.testing.assert_close(logits[:, s : s + p.shape[1]], model(p), rtol=1e-4, atol=1e-5)
+    scored = idx != EOT
+    expected = torch.nn.functional.cross_entropy(logits[scored], targets[scored])
+    torch.testing.assert_close(model(idx, targets, doc_eot=EOT), expected, rtol=1e-5, atol=1e-6)
+    total = model(idx, targets, doc_eot=EOT, reduction="sum")
+    torch.testing.assert_close(total, expected * scored.sum(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("last_is_eot", [False, True])
+def test_document_mask_on_one_story_is_the_causal_path(last_is_eot):
+    """One story (an EOT at the end belongs to it): the document-masked model equals SDPA's is_causal path,
+    loss and every gradient."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(**SMALL)
+    masked, causal = Llama(cfg), Llama(cfg)
+    causal.load_state_dict(masked.state_dict())
+    idx = torch.randint(0, 255, (3, 33))
+    if last_is_eot:
+        idx[:, -2] = EOT  # the input before the last: its target (the next story's first token) is ignored
+    x, y = idx[:, :-1], idx[:, 1:].clone()
+    la = masked(x, y, doc_eot=EOT)
+    lb = causal(x, y.masked_fill(x == EOT, -100))
+    la.backward()
+    lb.backward()
+    torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-6)
+    for (name, pa), pb in zip(masked.named_parameters(), causal.parameters(), strict=True):
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_doc_eot_does_not_combine_with_a_kv_cache():
+    model = Llama(ModelConfig(**SMALL))
+    with pytest.raises(ValueError, match="doc_eot"):
+        model.hidden_states(torch.zeros(1, 4, dtype=torch.long), cache_pos=torch.arange(4), doc_eot=EOT)
+
+
 def test_rope_scores_depend_only_on_relative_position():
     from storyllama.kernels.rope import rope_cos_sin, rope_reference
 
@@ -198,7 +278,8 @@ def test_compiled_model_gives_the_eager_loss():
 # -- which SDPA kernel serves each attention call ----------------------------------------------------------
 def _attention_cases(device: str, dropout: float = 0.0) -> list[tuple[str, object]]:
     """(name, thunk) for every way the model attends: training fp32 and bf16 (forward + backward, causal, no
-    mask) and sampling (prefill and cached decode, both with a mask), on a GQA model (4 heads, 2 kv heads)."""
+    mask, or document-masked) and sampling (prefill and cached decode, both with a mask), on a GQA model
+    (4 heads, 2 kv heads)."""
     from storyllama.config import SampleConfig
     from storyllama.sample import generate
 
@@ -206,16 +287,21 @@ def _attention_cases(device: str, dropout: float = 0.0) -> list[tuple[str, objec
     model = Llama(ModelConfig(**{**SMALL, "dropout": dropout})).to(device)
     idx = torch.randint(0, 256, (2, 33), device=device)
 
-    def train(dtype):
+    docs = idx.clone()
+    docs[:, 10] = 255  # document masking: two stories in each window
+
+    def train(dtype, doc_eot=None):
         def run():
+            x = idx if doc_eot is None else docs
             with torch.autocast(device, dtype, enabled=dtype != torch.float32):
-                model.train()(idx[:, :-1], idx[:, 1:]).backward()
+                model.train()(x[:, :-1], x[:, 1:], doc_eot=doc_eot).backward()
         return run
 
     def sample(prompts):
         return lambda: generate(model.eval(), prompts, SampleConfig(max_new_tokens=4, temperature=0.0), None, 256)
 
     return [("train-fp32", train(torch.float32)), ("train-bf16", train(torch.bfloat16)),
+            ("train-doc-fp32", train(torch.float32, 255)), ("train-doc-bf16", train(torch.bfloat16, 255)),
             ("prefill+decode", sample([[1, 2, 3], [4, 5, 6, 7, 8, 9]])), ("decode-1-token-prompt", sample([[7]]))]
 
 

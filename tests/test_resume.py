@@ -186,7 +186,8 @@ def test_clip_zero_means_no_clipping(builtin_data, tmp_path):
     assert any(not torch.equal(runs["0"][k], runs["1e-6"][k]) for k in runs["0"])
 
 
-@pytest.mark.parametrize("recipe", [[], ["--optimizer", "muon", "--ema_decay", "0.9"]], ids=["adamw", "muon_ema"])
+@pytest.mark.parametrize("recipe", [[], ["--optimizer", "muon", "--ema_decay", "0.9"], ["--doc_aligned"]],
+                         ids=["adamw", "muon_ema", "doc_aligned"])
 def test_the_training_step_never_reads_the_device(builtin_data, tmp_path, monkeypatch, recipe):
     """Every way a tensor's value reaches Python (item, tolist, bool, float, int) is counted while the loop is
     inside train_step; the loop's own reads go through one counted helper, at log steps only. Also with Muon
@@ -312,6 +313,64 @@ def test_wandb_without_a_login_says_how_before_writing_anything(builtin_data, tm
     assert train_main(args(builtin_data, out, "--batch_size", "2", "--total_iters", "1", "--wandb")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "wandb login" in err[-1] and "WANDB_MODE=offline" in err[-1] and not out.exists()
+
+
+def test_doc_aligned_run_resumes_exactly_and_refuses_a_switch(builtin_data, tmp_path, monkeypatch, capsys):
+    """--doc_aligned: the first logged loss is the document-masked loss of the first aligned batch at the
+    initial weights; a stopped run resumes to the uninterrupted one's losses and weights; resuming with the
+    flag switched is a one-line error naming it."""
+    from storyllama.data import RandomBatches, TokenData
+    from storyllama.model import Llama
+
+    data = TokenData(builtin_data, "train")
+    # a seed whose first batch holds a story's end (stories are longer than these 64-token windows)
+    seed = next(s for s in range(100) if (RandomBatches(data, 2, 64, s, doc_aligned=True).batch_at(0)[0]
+                                          == data.eot_id).any())
+    x, y = RandomBatches(data, 2, 64, seed, doc_aligned=True).batch_at(0)
+    recipe = ["--batch_size", "2", "--total_iters", "4", "--save_interval", "2", "--doc_aligned", "--seed", str(seed)]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert train_main(args(builtin_data, straight, *recipe)) == 0
+    torch.manual_seed(seed)
+    model = Llama(checkpoint.load_model_config(checkpoint.resolve(straight)))
+    with torch.no_grad():
+        doc, plain = model(x, y, doc_eot=data.eot_id).item(), model(x, y).item()
+    assert losses(straight)[0][1] == pytest.approx(doc, abs=1e-5) and abs(doc - plain) > 1e-4
+    monkeypatch.setenv("STORYLLAMA_TEST_FAIL_AT", "0:3")  # dies after the step-2 checkpoint
+    with pytest.raises(RuntimeError, match="injected failure"):
+        train_main(args(builtin_data, stopped, *recipe))
+    monkeypatch.delenv("STORYLLAMA_TEST_FAIL_AT")
+    assert train_main(["--data", str(builtin_data), "--out", str(stopped), "--resume", "auto"]) == 0
+    assert checkpoint.load_state(checkpoint.resolve(stopped))["data"]["doc_aligned"] is True
+    assert losses(stopped)[-2:] == losses(straight)[-2:]
+    same_weights(straight, stopped)
+    capsys.readouterr()
+    assert train_main(["--data", str(builtin_data), "--out", str(stopped), "--resume", "auto", "--total_iters", "6",
+                       "--doc_aligned", "false"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "saved with --doc_aligned true; this one has --doc_aligned false" in err[0]
+
+
+def test_eval_only_scores_a_plain_checkpoint_with_document_masking(builtin_data, tmp_path):
+    """--eval_only --doc_aligned true on a checkpoint trained without it: the validation windows scored with
+    document masking (the flag overrides the saved setting), which gives another loss than the plain pass."""
+    from storyllama.data import TokenData, val_batches
+    from storyllama.train import parse_config, train
+
+    out = tmp_path / "plain"
+    assert train_main(args(builtin_data, out, "--batch_size", "2", "--total_iters", "4", "--max_lr", "1e-2",
+                           "--warmup_iters", "0")) == 0
+    scored = {}
+    for flag in ("false", "true"):
+        cfg, ns = parse_config(["--out", str(tmp_path / "eval"), "--resume", str(checkpoint.resolve(out)),
+                                "--eval_only", "--doc_aligned", flag, "--device", "cpu"])
+        summary = train(cfg, ns)
+        scored[flag] = summary["val_loss"]
+    val = TokenData(builtin_data, "val")
+    model = summary["model"].eval()
+    with torch.no_grad():
+        doc = [model(x, y, doc_eot=val.eot_id).double() for x, y in val_batches(val, 2, 64)]
+    assert scored["true"] == pytest.approx(float(sum(doc) / len(doc)), rel=1e-6)
+    assert abs(scored["true"] - scored["false"]) > 1e-4
 
 
 def test_a_flag_changed_on_resume_reaches_the_optimizer(builtin_data, tmp_path):
