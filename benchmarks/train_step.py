@@ -1,10 +1,11 @@
 """Measure training throughput and peak RSS of one configuration in a fresh process.
 
     python benchmarks/train_step.py --preset storyllama-88m --batch 4 --block 512 [--compile] [--fused_ce]
-                                    [--doc_aligned]
+                                    [--doc_aligned] [--optimizer adamw|muon]
 
 --doc_aligned: the windows hold stories of 50 to 400 tokens, each ending with an EOT, and the step runs with
 document masking (the model's (B, 1, T, T) story mask instead of SDPA's is_causal).
+--optimizer: the trainer's own optimizer (storyllama.optim.build_optimizer: fused AdamW, or Muon + AdamW).
 
 Prints one JSON line: tokens/s over the timed steps (after warm-up steps, which include compilation),
 achieved GFLOP/s (6 N + attention FLOPs per token), and the process's peak RSS in MB. A fresh
@@ -20,8 +21,9 @@ import time
 
 import torch
 
-from storyllama.config import preset
+from storyllama.config import TrainConfig, preset
 from storyllama.model import Llama
+from storyllama.optim import MuonAdamW, build_optimizer
 
 
 def main() -> None:
@@ -36,6 +38,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--doc_aligned", action="store_true")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"])
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -45,7 +48,8 @@ def main() -> None:
     cfg = preset(a.preset, **over)
     torch.manual_seed(0)
     model = Llama(cfg, fused_ce=a.fused_ce)
-    opt = torch.optim.AdamW(model.param_groups(0.1), lr=1e-4)
+    opt = build_optimizer(model, TrainConfig(optimizer=a.optimizer, max_lr=1e-4), torch.device("cpu"))
+    ok = torch.tensor(True)  # MuonAdamW.step(ok): the trainer's on-device skip decision
     step_model = torch.compile(model) if a.compile else model
     x = torch.randint(0, cfg.vocab_size, (a.batch, a.block))
     y = torch.randint(0, cfg.vocab_size, (a.batch, a.block))
@@ -61,7 +65,7 @@ def main() -> None:
         loss = step_model(x, y, **kw)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        opt.step(ok) if isinstance(opt, MuonAdamW) else opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.item()
 
