@@ -218,3 +218,13 @@ def test_init_from_fine_tunes_on_requests_with_a_fresh_optimizer(tmp_path, built
     val = [m for m in metrics if "val_loss" in m][-1]
     meta = json.loads((data / "meta.json").read_text())
     assert val["val_bpb"] == pytest.approx(val["val_loss"] / np.log(2) / bytes_per_token(meta, "val"))
+
+
+def test_story_tokens_whose_request_the_window_cut_off_are_no_targets():
+    from storyllama.data import masks_with_request_in_view
+
+    # 1 = story token, 0 = request token: a window starting inside a story, one starting with a request, one
+    # without any request (all of it the middle of a long story)
+    m = np.array([[1, 1, 1, 0, 0, 1, 1], [0, 0, 1, 1, 1, 0, 1], [1, 1, 1, 1, 1, 1, 1]], dtype=bool)
+    want = np.array([[0, 0, 0, 0, 0, 1, 1], [0, 0, 1, 1, 1, 0, 1], [0, 0, 0, 0, 0, 0, 0]], dtype=bool)
+    assert (masks_with_request_in_view(m) == want).all()
