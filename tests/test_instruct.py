@@ -147,14 +147,23 @@ def test_sampler_request_is_the_training_template(tmp_path, builtin_data):
 
 
 def test_builtin_writer_emits_pairs_it_honours():
-    """Every word a built-in request asks for is in its story, and every checkable feature holds by rule."""
+    """Every word a built-in request asks for is one of the writer's slot words and is in its story, the words
+    come from different slots where the story has several, and every checkable feature holds by rule."""
+    slot_of = {w: slot for slot, words in reversed(builtin.SLOT_WORDS.items()) for w in words}
+    sizes = set()
     for i in range(60):
         req, story = builtin.write_instruct_story(1337, i)
-        assert len(req.words) == 3 and all(uses_word(story, w) for w in req.words), (req, story)
+        sizes.add(len(req.words))
+        assert all(w in slot_of and uses_word(story, w) for w in req.words), (req, story)
+        slots = [slot_of[w] for w in req.words]
+        assert len(set(slots)) == min(len(slots), len(builtin.slot_words(story))), (req, story)
         for f in req.features:
             assert check_feature(story, f) is True, (f, story)
         if "Dialogue" not in req.features:
             assert '"' not in story
+    assert {2, 3} <= sizes <= {1, 2, 3}  # one only where the story has a single slot word
+    # the object a story is about is a word a request can name: "blue kite" -> kite
+    assert builtin.slot_words("Mia flew her blue kite near the old shed.") == {"object": ["kite"], "plot": ["shed"]}
     # the plain corpus is what it was before requests existed (its meta.json identity is unchanged)
     assert builtin.write_story(1337, 0).startswith("Once upon a time, in a little house near the woods, there lived "
                                                    "a girl named Ros")
