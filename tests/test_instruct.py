@@ -207,7 +207,8 @@ def test_init_from_fine_tunes_on_requests_with_a_fresh_optimizer(tmp_path, built
                          "--num_proc", "1", "--no_progress", "--val_fraction", "0.2"]) == 0
     batches = RandomBatches(TokenData(data, "train"), 4, 128, seed=1)
     _, y = batches.next_batch()
-    assert 0 < (y == -100).sum() < y.numel() // 2  # request targets are masked, most targets are story tokens
+    # request targets are masked (and story tokens whose request the window cut off), story targets remain
+    assert 0 < (y == -100).sum() < y.numel() and (y[:, -1] != -100).any()
     out = tmp_path / "tuned"
     # a learning rate too small to move the weights: the tuned weights are the pretrained ones
     assert train_main(["--data", str(data), "--out", str(out), "--init_from", str(pre), "--total_iters", "2",
