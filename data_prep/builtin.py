@@ -10,7 +10,6 @@ a resolution, and an ending that names what was learnt. Story `i` of seed `s` co
 from __future__ import annotations
 
 import contextvars
-import functools
 import random
 import re
 from collections.abc import Callable
@@ -361,10 +360,11 @@ def write_stories(count: int, seed: int) -> list[str]:
 #   ...); HappyEnding (asked in half of the happy stories): the story closes with a happy line;
 # - MoralValue: a closing paragraph says what the hero learned; without it no moral is said;
 # - Twist: a surprising turn before the end ("To everyone's surprise, ...").
-# Words: three words of the story, drawn among its less common ones (content words found in under 25% of
-# built-in stories: "kite", "slipped", "puddle"; never names, "said" or "day").
+# Words: two or three of the words the writer chose for this story's slots, the ones a reader would ask for
+# (SLOT_WORDS: the object, an animal, the place, the weather, the plot's own thing), each found in the story,
+# taken from different slots where the story has them; never names or phrasing words ("said", "near").
 
-INSTRUCT_VERSION = 1  # bump when the pairs for a (seed, index) change; recorded in meta.json
+INSTRUCT_VERSION = 2  # bump when the pairs for a (seed, index) change; recorded in meta.json
 
 BAD_ENDINGS = {  # plot -> (sentences of the plot kept: (paragraph, count) ...), the sad paragraph
     "lost": ((0, 99), (1, 99)), "stuck": ((0, 99), (1, 3)), "share": ((0, 99),), "fear": ((0, 99),),
@@ -399,13 +399,51 @@ TWISTS = ["To everyone's surprise, the {obj} began to glow, and a tiny fairy fle
           "To everyone's surprise, {Helper} had a big secret: it was {Hero}'s birthday, and there was cake!",
           "To everyone's surprise, the old {obj} was really magic and could talk."]
 MORAL_LINES = ["{Hero} learned {moral}.", "That day, {Hero} learned {moral}.", "The lesson of the day was {moral}."]
-_WORD_RE = re.compile(r"[A-Za-z]+")
-# Function words never asked for, however rare (the request asks for words that carry the story).
-_FUNCTION_WORDS = frozenset("""him her hers herself himself its itself them themselves their our your you are was
-    were been being did does doing can could will would should just too also again then than this that these those
-    what when where which who whom why how into onto from off out over under each every some any all both only own
-    same such now very here there one two three after before because while until about around going get got""".split())
-_RARE_DF = 0.25  # a word is a candidate for Words: when found in fewer than this share of stories
+_WORD_RE = re.compile(r"[a-z]+")
+
+
+def _object_word(obj: str) -> str:
+    return {"teddy bear": "teddy", "music box": "music"}.get(obj, obj.split()[-1])  # "blue kite" -> "kite"
+
+
+# The writer's slots and the word that names each filler: what a request can ask for. A word counts for a story
+# when the story has it (in that exact form).
+SLOT_WORDS: dict[str, tuple[str, ...]] = {
+    "object": tuple(_object_word(o) for o in OBJECTS),
+    "animal": tuple(dict.fromkeys(a.split()[-1] for a in ANIMALS)),  # "bear cub" -> "cub"
+    "place": ("woods", "town", "farm", "village", "sea", "cottage", "hill", "street", "forest", "pond", "garden",
+              "park", "barn", "beach", "yard", "oak"),
+    "weather": ("sun", "birds", "windy", "flowers", "cold", "grass", "clouds"),
+    # the plots' own things: what got stuck where, what scared, what broke, who was hurt, the plan spoilt by the
+    # rain and the fun instead, what lured the hero away and what led home, where lost things were found
+    "plot": ("rain", "race", "shy", "tree", "roof", "branch", "shed", "shadow", "thunder", "noise", "dog", "snail",
+             "vase", "cup", "lamp", "plate", "clock", "bowl", "bird", "duck", "wing", "paw", "picnic", "fort",
+             "cookies", "pictures", "puppet", "butterfly", "river", "stones", "soup", "star", "bed", "sofa",
+             "fence", "leaf", "table", "sandbox", "rainbow", "fairy", "cake"),
+}
+
+
+def slot_words(story: str) -> dict[str, list[str]]:
+    """The slot words the story has, by slot, in the order of SLOT_WORDS (a word belongs to its first slot)."""
+    have = set(_WORD_RE.findall(story.lower()))
+    out: dict[str, list[str]] = {}
+    seen: set[str] = set()
+    for slot, words in SLOT_WORDS.items():
+        found = [w for w in words if w in have and w not in seen]
+        seen.update(found)
+        if found:
+            out[slot] = found
+    return out
+
+
+def pick_words(rng: random.Random, story: str, n: int) -> list[str]:
+    """`n` of the story's slot words (fewer when it has fewer), one per slot first, in a random order."""
+    by_slot = slot_words(story)
+    slots = rng.sample(list(by_slot), len(by_slot))
+    firsts = [rng.choice(by_slot[s]) for s in slots]
+    rest = [w for s in slots for w in by_slot[s] if w not in firsts]
+    words = firsts[:n] + rng.sample(rest, min(len(rest), max(0, n - len(firsts))))
+    return rng.sample(words, len(words))
 
 
 def _instruct_text(rng: random.Random, feats: set[str]) -> str:
@@ -442,26 +480,9 @@ def _draw_features(rng: random.Random) -> set[str]:
     return feats
 
 
-def content_words(story: str) -> list[str]:
-    """The story's distinct lowercase words of 3+ letters that occur in lowercase (so never a name), in order."""
-    return list(dict.fromkeys(w for w in _WORD_RE.findall(story) if len(w) >= 3 and w.islower()))
-
-
-@functools.lru_cache(maxsize=1)
-def common_words() -> frozenset[str]:
-    """Words in at least _RARE_DF of 2,000 instruct stories of seed 0 (computed once, on first use)."""
-    counts: dict[str, int] = {}
-    n = 2000
-    for i in range(n):
-        rng = random.Random(f"instruct:0:{i}")
-        for w in content_words(_instruct_text(rng, _draw_features(rng))):
-            counts[w] = counts.get(w, 0) + 1
-    return frozenset(w for w, c in counts.items() if c >= _RARE_DF * n)
-
-
-def write_instruct_story(seed: int, index: int, n_words: int = 3):
+def write_instruct_story(seed: int, index: int):
     """(Request, story) `index` of the request corpus of `seed`: the story written with the features drawn
-    for it, and a request naming those features and three of its words."""
+    for it, and a request naming those features and two or three of its slot words (SLOT_WORDS)."""
     from .instruct import Request
 
     rng = random.Random(f"instruct:{seed}:{index}")
@@ -469,9 +490,7 @@ def write_instruct_story(seed: int, index: int, n_words: int = 3):
     story = _instruct_text(rng, feats)
     if '"' not in story:  # a sad ending can cut every line of speech: the request names only what the story has
         feats.discard("Dialogue")
-    common = common_words()
-    candidates = [w for w in content_words(story) if w not in common and w not in _FUNCTION_WORDS]
-    words = rng.sample(candidates, min(n_words, len(candidates)))
+    words = pick_words(rng, story, rng.choice((2, 3)))
     return Request.make(words=words, features=sorted(feats)), story
 
 

@@ -37,8 +37,10 @@ rank r takes batches r, r + W, r + 2W, ... (the same number on every rank).
 
 Request/story data (`bin/prepare_data --instruct`) has a loss-mask shard beside each token shard (uint8
 per token, 1 = a story token, a loss target): the mask is gathered with the same windows, and every target
-whose mask is 0 (a request token) becomes -100, which the loss ignores. Training and validation count the
-loss on the story tokens only, and bits per byte divide by the stories' bytes (`bytes_per_token`).
+whose mask is 0 (a request token) becomes -100, which the loss ignores; so do the story tokens at the head of a
+window that precede its first request token (the window cut off their request: `masks_with_request_in_view`).
+Training and validation count the loss on the story tokens whose request is in view, and bits per byte divide
+by the stories' bytes per story token (`bytes_per_token`).
 
 Every batch is checked against the vocabulary of meta.json on the host, before it becomes a tensor: an
 id out of range (a corrupt shard, or shards of another tokenizer) is a DataError naming the shard,
@@ -256,11 +258,22 @@ def doc_window_starts(size: int, eots: np.ndarray, block_size: int) -> np.ndarra
     return w
 
 
+def masks_with_request_in_view(masks: np.ndarray) -> np.ndarray:
+    """Story tokens before a window's first request token are no targets: the window cut their request off.
+
+    masks: (B, T + 1) bool, True = a story token. A window that starts inside a story holds its tail without
+    the request it answers; trained on, it would teach the model to write a story whose request it cannot see.
+    A window that starts inside a request keeps the story after it (part of the request is in view)."""
+    is_request = ~masks
+    first = np.where(is_request.any(axis=1), is_request.argmax(axis=1), masks.shape[1])  # (B,)
+    return masks & (np.arange(masks.shape[1])[None, :] >= first[:, None])
+
+
 def _to_xy(windows: np.ndarray, masks: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     t = torch.from_numpy(windows)  # (B, T + 1) int64
     x, y = t[:, :-1].contiguous(), t[:, 1:].contiguous()  # (B, T), (B, T)
     if masks is not None:  # request tokens are context, not targets (a new tensor: y may share x's storage)
-        y = torch.where(torch.from_numpy(masks[:, 1:]), y, -100)
+        y = torch.where(torch.from_numpy(masks_with_request_in_view(masks)[:, 1:]), y, -100)
     return x, y
 
 

@@ -149,14 +149,23 @@ def test_sampler_request_is_the_training_template(tmp_path, builtin_data):
 
 
 def test_builtin_writer_emits_pairs_it_honours():
-    """Every word a built-in request asks for is in its story, and every checkable feature holds by rule."""
+    """Every word a built-in request asks for is one of the writer's slot words and is in its story, the words
+    come from different slots where the story has several, and every checkable feature holds by rule."""
+    slot_of = {w: slot for slot, words in reversed(builtin.SLOT_WORDS.items()) for w in words}
+    sizes = set()
     for i in range(60):
         req, story = builtin.write_instruct_story(1337, i)
-        assert len(req.words) == 3 and all(uses_word(story, w) for w in req.words), (req, story)
+        sizes.add(len(req.words))
+        assert all(w in slot_of and uses_word(story, w) for w in req.words), (req, story)
+        slots = [slot_of[w] for w in req.words]
+        assert len(set(slots)) == min(len(slots), len(builtin.slot_words(story))), (req, story)
         for f in req.features:
             assert check_feature(story, f) is True, (f, story)
         if "Dialogue" not in req.features:
             assert '"' not in story
+    assert {2, 3} <= sizes <= {1, 2, 3}  # one only where the story has a single slot word
+    # the object a story is about is a word a request can name: "blue kite" -> kite
+    assert builtin.slot_words("Mia flew her blue kite near the old shed.") == {"object": ["kite"], "plot": ["shed"]}
     # the plain corpus is what it was before requests existed (its meta.json identity is unchanged)
     assert builtin.write_story(1337, 0).startswith("Once upon a time, in a little house near the woods, there lived "
                                                    "a girl named Ros")
@@ -200,7 +209,8 @@ def test_init_from_fine_tunes_on_requests_with_a_fresh_optimizer(tmp_path, built
                          "--num_proc", "1", "--no_progress", "--val_fraction", "0.2"]) == 0
     batches = RandomBatches(TokenData(data, "train"), 4, 128, seed=1)
     _, y = batches.next_batch()
-    assert 0 < (y == -100).sum() < y.numel() // 2  # request targets are masked, most targets are story tokens
+    # request targets are masked (and story tokens whose request the window cut off), story targets remain
+    assert 0 < (y == -100).sum() < y.numel() and (y[:, -1] != -100).any()
     out = tmp_path / "tuned"
     # a learning rate too small to move the weights: the tuned weights are the pretrained ones
     assert train_main(["--data", str(data), "--out", str(out), "--init_from", str(pre), "--total_iters", "2",
@@ -220,3 +230,13 @@ def test_init_from_fine_tunes_on_requests_with_a_fresh_optimizer(tmp_path, built
     val = [m for m in metrics if "val_loss" in m][-1]
     meta = json.loads((data / "meta.json").read_text())
     assert val["val_bpb"] == pytest.approx(val["val_loss"] / np.log(2) / bytes_per_token(meta, "val"))
+
+
+def test_story_tokens_whose_request_the_window_cut_off_are_no_targets():
+    from storyllama.data import masks_with_request_in_view
+
+    # 1 = story token, 0 = request token: a window starting inside a story, one starting with a request, one
+    # without any request (all of it the middle of a long story)
+    m = np.array([[1, 1, 1, 0, 0, 1, 1], [0, 0, 1, 1, 1, 0, 1], [1, 1, 1, 1, 1, 1, 1]], dtype=bool)
+    want = np.array([[0, 0, 0, 0, 0, 1, 1], [0, 0, 1, 1, 1, 0, 1], [0, 0, 0, 0, 0, 0, 0]], dtype=bool)
+    assert (masks_with_request_in_view(m) == want).all()
