@@ -38,30 +38,38 @@ class DirLock:
 
     def acquire(self) -> DirLock:
         """Create the directory if needed and take its lock, or raise LockedError at once (never waits)."""
-        for _attempt in range(100):
-            self.directory.mkdir(parents=True, exist_ok=True)
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except FileNotFoundError:  # the directory was removed between mkdir and open: make it again
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = _read_holder(fd)
+        fd = None
+        try:
+            for _attempt in range(100):
+                self.directory.mkdir(parents=True, exist_ok=True)
+                try:
+                    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                except FileNotFoundError:  # the directory was removed between mkdir and open: make it again
+                    continue
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = _read_holder(fd)
+                    os.close(fd)
+                    fd = None
+                    raise LockedError(f"{self.directory} is in use by {holder}; wait for it to finish (or stop it), "
+                                      "or choose another output directory") from None
+                if _same_file(fd, self.path):
+                    self._fd = fd  # ours now: from here release() drops it (and its file)
+                    break
+                os.close(fd)  # we locked a file its holder removed on release: lock the one there now
+                fd = None
+            else:
+                raise LockedError(f"could not lock {self.path}: it keeps being removed and made again")
+        except KeyboardInterrupt:  # Ctrl-C while taking the lock: hold no descriptor (the caller releases a held lock)
+            if fd is not None and self._fd is None:
                 os.close(fd)
-                raise LockedError(f"{self.directory} is in use by {holder}; wait for it to finish (or stop it), or "
-                                  "choose another output directory") from None
-            if _same_file(fd, self.path):
-                break
-            os.close(fd)  # we locked a file its holder removed on release: lock the one there now
-        else:
-            raise LockedError(f"could not lock {self.path}: it keeps being removed and made again")
+            raise
         try:  # who holds it, for the refusal's sake only: a full disk must not stop the holder
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps({"tool": self.tool, "pid": os.getpid(), "started": time.time()}).encode(), 0)
         except OSError:
             pass
-        self._fd = fd
         return self
 
     def release(self, remove: bool = False) -> None:

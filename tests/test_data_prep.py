@@ -541,8 +541,11 @@ SMALL = ["--builtin", "--builtin_stories", "200", "--tokenizer", "bpe:300", "--s
 
 
 def _start(args: list[str], **env: str) -> subprocess.Popen:
+    # SIGINT at its default in the child, as in a terminal: pytest started as a background job (`make test &`)
+    # has it ignored, and an ignored SIGINT is inherited, so the Ctrl-C tests would wait for nothing
     return subprocess.Popen([sys.executable, str(REPO / "bin" / "prepare_data"), "--no_progress", *args], cwd=REPO,
-                            env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
