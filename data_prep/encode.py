@@ -96,16 +96,21 @@ def encode_chunk_per_document(enc: tiktoken.Encoding, docs: list[str], dtype: np
 def encode_documents(enc: tiktoken.Encoding, docs: Iterable[str], dtype: np.dtype, num_proc: int,
                      chunk_chars: int | None = None) -> Iterator[EncodedChunk]:
     """Encode `docs` on `num_proc` threads, yielding chunks in order (at most 2 * num_proc in flight)."""
-    chunks = chunk_documents(docs, chunk_chars)
+    return map_in_order(lambda chunk: encode_chunk(enc, chunk, dtype), chunk_documents(docs, chunk_chars), num_proc)
+
+
+def map_in_order(fn, items: Iterable, num_proc: int) -> Iterator:
+    """fn over items on `num_proc` threads (tiktoken releases the GIL), results in input order, at most
+    2 * num_proc in flight; the output is the same for any number of workers."""
     if num_proc <= 1:
-        for chunk in chunks:
-            yield encode_chunk(enc, chunk, dtype)
+        for item in items:
+            yield fn(item)
         return
     pool = ThreadPoolExecutor(num_proc, thread_name_prefix="tokenize")
     try:
         pending: deque = deque()
-        for chunk in chunks:
-            pending.append(pool.submit(encode_chunk, enc, chunk, dtype))
+        for item in items:
+            pending.append(pool.submit(fn, item))
             if len(pending) >= 2 * num_proc:
                 yield pending.popleft().result()
         while pending:

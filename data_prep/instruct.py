@@ -42,13 +42,15 @@ Readers (each yields (Request, story) pairs):
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .encode import map_in_order
+from .sources import json_lines
 
 EOT_LINE = "<|endoftext|>"
 STORY_HEAD = "Story:"
@@ -251,15 +253,8 @@ def pair_from_record(obj, where: str) -> tuple[Request, str]:
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[Request, str]]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InstructError(f"{path} line {lineno} is not JSON ({e})") from None
-            yield pair_from_record(obj, f"{path} line {lineno}")
+    for lineno, obj in json_lines(path, InstructError):
+        yield pair_from_record(obj, f"{path} line {lineno}")
 
 
 READERS = {".txt": _read_txt, ".jsonl": _read_jsonl, ".json": _read_jsonl}
@@ -277,27 +272,7 @@ def read_pairs(path: str | Path) -> Iterator[tuple[Request, str]]:
 def encode_pairs(enc, pairs: Iterable[tuple[Request, str]], dtype: np.dtype, num_proc: int) -> Iterator[EncodedPairs]:
     """Encode pairs chunk by chunk on `num_proc` threads, yielding chunks in input order (at most 2 * num_proc
     in flight), so the output is the same for any number of workers."""
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
-
-    chunks = chunk_pairs(pairs)
-    if num_proc <= 1:
-        for chunk in chunks:
-            yield encode_pairs_chunk(enc, chunk, dtype)
-        return
-    pool = ThreadPoolExecutor(num_proc, thread_name_prefix="tokenize")
-    try:
-        pending: deque = deque()
-        for chunk in chunks:
-            pending.append(pool.submit(encode_pairs_chunk, enc, chunk, dtype))
-            if len(pending) >= 2 * num_proc:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    pool.shutdown()
+    return map_in_order(lambda chunk: encode_pairs_chunk(enc, chunk, dtype), chunk_pairs(pairs), num_proc)
 
 
 # -- sources of pairs (the same Source objects as data_prep.sources, holding pairs instead of texts) ------

@@ -81,7 +81,9 @@ def _text_of(obj, path: Path, where: str) -> str:
                       '{"text": "Once upon a time..."}')
 
 
-def _read_jsonl(path: Path) -> Iterator[str]:
+def json_lines(path: Path, error: type[Exception], hint: str = "") -> Iterator[tuple[int, object]]:
+    """(line number, parsed object) of each non-blank line of a JSON-lines file; a line that is not JSON
+    raises `error` naming the file and line (and `hint`)."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -89,9 +91,13 @@ def _read_jsonl(path: Path) -> Iterator[str]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise SourceError(f"{path} line {lineno} is not JSON ({e}); a .jsonl file holds one "
-                                  '{"text": ...} object per line') from None
-            yield _text_of(obj, path, f"line {lineno}")
+                raise error(f"{path} line {lineno} is not JSON ({e}){hint}") from None
+            yield lineno, obj
+
+
+def _read_jsonl(path: Path) -> Iterator[str]:
+    for lineno, obj in json_lines(path, SourceError, '; a .jsonl file holds one {"text": ...} object per line'):
+        yield _text_of(obj, path, f"line {lineno}")
 
 
 def _read_json(path: Path) -> Iterator[str]:

@@ -268,22 +268,25 @@ def write(store: ModelStore, model_path: str, prompt: str, mode: str, temperatur
 
     worker = threading.Thread(target=work, daemon=True)
     worker.start()
-    seen = -1
-    while worker.is_alive():
-        worker.join(STREAM_EVERY if seen >= 0 else 0.01)  # the first text as soon as it exists
-        with guard:
-            if state["version"] != seen:
-                seen = state["version"]
-                snapshot = _join(prompt, texts)
-                status = ("writing..." if "started" in state
-                          else "queued: another story is being written with this model")
-            else:
-                continue
-        yield snapshot, status
+    yield from _follow(worker, guard, state, prompt, texts)
     if state["error"]:
         yield _join(prompt, texts), f"error: {state['error']}"
         return
     yield _join(prompt, texts), _status(cfg, mode, state, t_start, [s or "max length" for s in stopped], lm)
+
+
+def _follow(worker: threading.Thread, guard: threading.Lock, state: dict, prompt: str, texts: list[str]):
+    """While the worker writes: (text so far, status) each time it has written more, every STREAM_EVERY s."""
+    seen = -1
+    while worker.is_alive():
+        worker.join(STREAM_EVERY if seen >= 0 else 0.01)  # the first text as soon as it exists
+        with guard:
+            if state["version"] == seen:
+                continue
+            seen = state["version"]
+            snapshot = _join(prompt, texts)
+            status = "writing..." if "started" in state else "queued: another story is being written with this model"
+        yield snapshot, status
 
 
 def _status(cfg, mode: str, state: dict, t_start: float, stopped: list[str], lm: LoadedModel) -> str:
