@@ -40,7 +40,10 @@ per token, 1 = a story token, a loss target): the mask is gathered with the same
 whose mask is 0 (a request token) becomes -100, which the loss ignores; so do the story tokens at the head of a
 window that precede its first request token (the window cut off their request: `masks_with_request_in_view`).
 Training and validation count the loss on the story tokens whose request is in view, and bits per byte divide
-by the stories' bytes per story token (`bytes_per_token`).
+by the stories' bytes per story token (`bytes_per_token`). Document-aligned, a pair (request, story, EOT) is
+one document: a window opens with a request, attention stays inside its pair, so every story token that fits
+is scored with its own request in view and no earlier story's words; `window_targets` then counts those
+targets (`_masked_targets`).
 
 Every batch is checked against the vocabulary of meta.json on the host, before it becomes a tensor: an
 id out of range (a corrupt shard, or shards of another tokenizer) is a DataError naming the shard,
@@ -204,7 +207,13 @@ class TokenData:
             return None
         shard_of = np.searchsorted(cum_windows, window_ids, side="right") - 1
         starts = (window_ids - cum_windows[shard_of]) * block_size + shift
-        out = np.empty((len(window_ids), block_size + 1), dtype=bool)
+        return self.gather_masks_at(shard_of, starts, block_size)
+
+    def gather_masks_at(self, shard_of: np.ndarray, starts: np.ndarray, block_size: int) -> np.ndarray | None:
+        """The loss masks of the windows `gather_at` returns (bool, same shape), or None for plain data."""
+        if self.masks is None:
+            return None
+        out = np.empty((len(starts), block_size + 1), dtype=bool)
         offsets = np.arange(block_size + 1, dtype=np.int64)
         for s in np.unique(shard_of):
             rows = np.nonzero(shard_of == s)[0]
@@ -269,6 +278,20 @@ def masks_with_request_in_view(masks: np.ndarray) -> np.ndarray:
     return masks & (np.arange(masks.shape[1])[None, :] >= first[:, None])
 
 
+def _masked_targets(data: TokenData, shard: int, starts: np.ndarray, block_size: int,
+                    chunk: int = 4096) -> np.ndarray:
+    """Scored targets of each document-aligned window of a request/story shard: the story targets that
+    `_to_xy` keeps (`masks_with_request_in_view`) and the model scores (not after an EOT input); `chunk`
+    windows at a time, so the temporary stays a few MB."""
+    out = np.empty(len(starts), dtype=np.int64)
+    offsets = np.arange(block_size + 1, dtype=np.int64)
+    for i in range(0, len(starts), chunk):
+        idx = starts[i : i + chunk, None] + offsets
+        kept = masks_with_request_in_view(data.masks[shard][idx] != 0)[:, 1:]
+        out[i : i + chunk] = (kept & (data.shards[shard][idx[:, :-1]] != data.eot_id)).sum(axis=1)
+    return out
+
+
 def _to_xy(windows: np.ndarray, masks: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     t = torch.from_numpy(windows)  # (B, T + 1) int64
     x, y = t[:, :-1].contiguous(), t[:, 1:].contiguous()  # (B, T), (B, T)
@@ -301,17 +324,16 @@ class RandomBatches:
         self.shifts = bool((shifted >= 1).all()) and not doc_aligned
         if self.shifts:
             per_shard = shifted
-        if doc_aligned and data.masks is not None:
-            raise DataError(f"--doc_aligned does not take request/story data yet ({data.data_dir} has loss masks): "
-                            "train it without --doc_aligned")
         if doc_aligned:  # index the stories once: windows start at story starts
             starts, targets = [], []
-            for mm in data.shards:
+            for s, mm in enumerate(data.shards):
                 eots = eot_positions(mm, data.eot_id)
                 w = doc_window_starts(mm.size, eots, block_size)
                 starts.append(w)
-                # scored targets: block_size minus the EOTs among the window's inputs [w, w + T)
-                targets.append(block_size - (np.searchsorted(eots, w + block_size) - np.searchsorted(eots, w)))
+                if data.masks is None:  # scored targets: block_size minus the EOTs among the inputs [w, w + T)
+                    targets.append(block_size - (np.searchsorted(eots, w + block_size) - np.searchsorted(eots, w)))
+                else:  # request/story data: the story targets (with their request in view) that _to_xy keeps
+                    targets.append(_masked_targets(data, s, w, block_size))
             per_shard = np.array([len(w) for w in starts], dtype=np.int64)
             self.win_shard = np.repeat(np.arange(len(starts)), per_shard)  # (num_windows,) shard of each window
             self.win_start = np.concatenate(starts)  # (num_windows,) its first token in that shard
@@ -361,8 +383,10 @@ class RandomBatches:
     def batch_at(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y), int64 CPU tensors of shape (B, T), of the batch at stream `position`."""
         ids = self.window_ids(position)  # also sets this epoch's shift
-        if self.doc_aligned:  # (no loss masks: refused when built)
-            return _to_xy(self.data.gather_at(self.win_shard[ids], self.win_start[ids], self.block_size))
+        if self.doc_aligned:
+            shard_of, starts = self.win_shard[ids], self.win_start[ids]
+            return _to_xy(self.data.gather_at(shard_of, starts, self.block_size),
+                          self.data.gather_masks_at(shard_of, starts, self.block_size))
         return _to_xy(self.data.gather(ids, self.block_size, self.cum_windows, self._shift),
                       self.data.gather_masks(ids, self.block_size, self.cum_windows, self._shift))
 

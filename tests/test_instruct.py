@@ -108,8 +108,6 @@ def test_loss_mask_excludes_exactly_the_request_tokens(tmp_path, builtin_data):
     want = [t if m else -100 for t, m in zip(expected_tokens[1:], expected_mask[1:], strict=True)]
     assert y[0].tolist() == want
     assert (y != -100).sum().item() == sum(expected_mask[1:])  # the first token is never a target
-    with pytest.raises(DataError, match="--doc_aligned does not take request/story data"):
-        RandomBatches(td, 1, 4, seed=0, doc_aligned=True)  # not supported yet: said, not silently wrong
     # bits per byte divide by the stories' bytes per story token (requests are not scored)
     meta = json.loads((data / "meta.json").read_text())
     story_bytes = sum(len(p["story"].encode()) for p in pairs)
@@ -121,6 +119,43 @@ def test_loss_mask_excludes_exactly_the_request_tokens(tmp_path, builtin_data):
     assert prepare_main(again) == 0
     (data / "val_000000.mask").unlink()
     assert prepare_main(again) == 2
+
+
+@pytest.mark.parametrize("T", [64, 512])  # the pairs are 200-300 tokens: longer than a window, or all fit
+def test_doc_aligned_request_windows_start_at_a_request_and_score_the_story_in_view(tmp_path, builtin_data, T):
+    """--doc_aligned on request/story data: a window starts at a pair's first request token (or goes on inside a
+    pair longer than the window, whose request it then cannot see), its targets are exactly the story tokens
+    of the pairs whose request is in view (never one after an EOT input), and the per-window count the trainer
+    divides by is that number."""
+    pairs = [{"words": list(r.words), "features": list(r.features), "story": story}
+             for r, story in builtin.write_instruct_stories(12, seed=5)]
+    tok = ["--tokenizer", "bpe:512", "--tokenizer_file", str(builtin_data / "tokenizer.tiktoken")]
+    td = TokenData(_prepare_jsonl(tmp_path, pairs, tok), "train")
+    tokens, mask = td.shards[0].astype(np.int64), td.masks[0].astype(bool)
+    eots = np.flatnonzero(tokens == td.eot_id)
+    pairs_at = list(zip(np.concatenate([[0], eots[:-1] + 1]), eots + 1, strict=True))  # [start, end) of each pair
+    pair_starts = {int(a) for a, _ in pairs_at}
+    whole = set()  # pairs some window holds from their first request token to their EOT
+    rb = RandomBatches(td, 1, T, seed=3, doc_aligned=True)
+    seen_from_start = 0
+    for pos in range(rb.batches_per_epoch):
+        (w,) = rb.window_ids(pos)
+        start = int(rb.win_start[w])
+        x, y = rb.batch_at(pos)
+        assert x[0].tolist() == tokens[start : start + T].tolist()
+        if start in pair_starts:  # the window opens with a request: its first input is a request token
+            seen_from_start += 1
+            assert not mask[start]
+        request = np.flatnonzero(~mask[start : start + T + 1])  # window offsets of its request tokens
+        first = request[0] if len(request) else T + 1  # story tokens before it had their request cut off
+        target_mask = mask[start + 1 : start + T + 1] & (np.arange(1, T + 1) >= first)
+        target_mask &= tokens[start : start + T] != td.eot_id
+        want = np.where(target_mask, tokens[start + 1 : start + T + 1], -100)
+        assert y[0].masked_fill(x[0] == td.eot_id, -100).tolist() == want.tolist()
+        assert rb.window_targets[w] == rb.step_targets(pos) == target_mask.sum()
+        whole |= {a for a, b in pairs_at if start <= a and b <= start + T + 1}
+    fits = {a for a, b in pairs_at if b - a <= T + 1}
+    assert (fits == whole and len(fits) == len(pairs_at)) if T == 512 else (not fits and seen_from_start > 0)
 
 
 def test_a_jsonl_pair_without_a_story_names_its_line(tmp_path):
