@@ -148,8 +148,9 @@ class TrainConfig:
     kernels: str = "auto"  # auto | triton | reference
     fused_ce: bool | None = None  # None: on (chunked linear + cross-entropy, no full logits)
     seed: int = 1337
-    # windows start at story starts; attention and the loss stay inside each story (training and evaluation)
-    doc_aligned: bool = False
+    # windows start at story starts; attention and the loss stay inside each story (training and evaluation).
+    # None: on for request/story data (a window opens with a request), off for plain text
+    doc_aligned: bool | None = None
     # samples printed at each eval
     prompt: str = "Once upon a time"
     sample_tokens: int = 64  # 0: no sample at evals

@@ -256,6 +256,8 @@ def build_run(cfg: TrainConfig, args: argparse.Namespace, d: Dist, device: torch
     mcfg = _model_config(args, ckpt, meta, init_from)
     T = mcfg.block_size
     train_data, val_data = TokenData(data_dir, "train"), TokenData(data_dir, "val")
+    if cfg.doc_aligned is None:  # request/story data is read a pair per window: README, "Story requests"
+        cfg = replace(cfg, doc_aligned=train_data.masks is not None)
     accum = grad_accum_steps(cfg, T, d.world_size)
     tokens_per_step = cfg.batch_size * T * d.world_size * accum
     batches = RandomBatches(train_data, cfg.batch_size, T, cfg.seed, d.rank, d.world_size, accum, cfg.doc_aligned)
@@ -667,7 +669,7 @@ def _eval_only(cfg: TrainConfig, args: argparse.Namespace, d: Dist, device: torc
     for suffix, model in (("", run.model), ("_ema", run.ema.module if run.ema is not None else None)):
         if model is None:
             continue
-        val = evaluate(model, run.val_data, replace(cfg, eval_iters=0), run.val_batch, run.mcfg.block_size, device,
+        val = evaluate(model, run.val_data, replace(run.cfg, eval_iters=0), run.val_batch, run.mcfg.block_size, device,
                        run.amp, d).item()
         out[f"val_loss{suffix}"], out[f"val_bpb{suffix}"] = val, val / math.log(2) / bytes_per_token(run.meta, "val")
         if d.master:

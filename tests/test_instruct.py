@@ -229,7 +229,8 @@ def test_score_feature_rules():
 
 
 def test_init_from_fine_tunes_on_requests_with_a_fresh_optimizer(tmp_path, builtin_data):
-    """A pretrained run's weights and a fresh optimizer, step 0, on request data: the loss counts story tokens."""
+    """A pretrained run's weights and a fresh optimizer, step 0, on request data: the loss counts story tokens,
+    and the windows are document-aligned by default."""
     from storyllama import checkpoint
     from storyllama.train import main as train_main
 
@@ -259,6 +260,9 @@ def test_init_from_fine_tunes_on_requests_with_a_fresh_optimizer(tmp_path, built
         torch.testing.assert_close(w_new[k], v, atol=1e-6, rtol=0)
     state = checkpoint.load_state(checkpoint.resolve(out))
     assert state["step"] == 2  # started at step 0
+    # request/story data is read document-aligned unless told otherwise; the pretraining on plain text was not
+    assert state["train_config"]["doc_aligned"] is True and state["data"]["doc_aligned"] is True
+    assert checkpoint.load_state(checkpoint.resolve(pre))["train_config"]["doc_aligned"] is False
     opt = torch.load(checkpoint.resolve(out) / "optimizer.pt", weights_only=True)
     assert {int(s["step"]) for s in opt["state"].values()} == {2}  # a fresh optimizer: two updates, not 4 + 2
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
