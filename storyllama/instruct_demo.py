@@ -1,4 +1,4 @@
-"""`make instruct`: tune the demo's model to write the story a reader asks for, offline, in about 9 minutes on 2 CPU cores.
+"""`make instruct`: tune the demo model to write the story a reader asks for, offline, in about 9 CPU minutes.
 
 1. the pretrained demo run (runs/demo; `make demo` trains it first when it has no checkpoint);
 2. request/story pairs from the built-in writer (`bin/prepare_data --builtin --instruct`), tokenized with the
