@@ -58,8 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     tok = json.loads((pre / "meta.json").read_text())["tokenizer"]
     print(f"[1/3] preparing built-in request/story pairs into {a.data} ({tok['name']}, {pre}'s tokenizer)", flush=True)
     prep = ["--builtin", "--instruct", "--tokenizer", tok["name"], "--tokenizer_file", str(pre / tok["file"]),
-            "--out", a.data]
-    prep += ["--builtin_stories", str(a.stories)]
+            "--out", a.data, "--builtin_stories", str(a.stories)]
     if prepare_main(prep) != 0:
         return 1
     print(f"[2/3] tuning {pre} on the requests into {a.out} (the loss counts the story tokens only)", flush=True)
