@@ -38,11 +38,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--doc_aligned", action="store_true")
+    p.add_argument("--dropout", type=float, default=0.0, help="residual dropout")
+    p.add_argument("--attn_dropout", type=float, default=0.0, help="dropout on the attention probabilities")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"])
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    over = {"block_size": a.block, "dropout": 0.0}
+    over = {"block_size": a.block, "dropout": a.dropout, "attn_dropout": a.attn_dropout}
     if a.vocab:
         over["vocab_size"] = a.vocab
     cfg = preset(a.preset, **over)

@@ -31,7 +31,8 @@ class ModelConfig:
     multiple_of: int = 256
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    dropout: float = 0.0
+    dropout: float = 0.0  # on the residual stream: the embeddings and each block's attention and MLP output
+    attn_dropout: float = 0.0  # on the attention probabilities (on CPU it costs SDPA's fused kernel)
     tie_embeddings: bool = True
 
     def __post_init__(self) -> None:
@@ -49,8 +50,9 @@ class ModelConfig:
                              "for grouped-query attention: change --n_kv_heads")
         if (self.dim // self.n_heads) % 2:
             raise ValueError(f"head_dim = dim / n_heads = {self.dim // self.n_heads} must be even for RoPE")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("dropout", "attn_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         for name in ("norm_eps", "rope_theta"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise ValueError(f"{name} must be a finite positive number, got {getattr(self, name)}")

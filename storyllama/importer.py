@@ -385,7 +385,7 @@ def import_model(source: str | Path, out: str | Path, tokenizer_model: str | Pat
 def init_weights_from(model: torch.nn.Module, path: str | Path, data_meta: dict | None = None) -> Path:
     """Load a run's latest (or a checkpoint's) weights into `model` for fine-tuning; returns the checkpoint.
 
-    The checkpoint's model shape must equal `model.cfg` (dropout aside), and, with `data_meta` (the data's
+    The checkpoint's model shape must equal `model.cfg` (dropout rates aside), and, with `data_meta` (the data's
     meta.json), its tokenizer must be the data's (same name and sha256). Optimizer, step and data position are
     not taken: fine-tuning starts fresh. Errors are ValueErrors naming what differs."""
     from storyllama import checkpoint
@@ -394,7 +394,7 @@ def init_weights_from(model: torch.nn.Module, path: str | Path, data_meta: dict 
     theirs = asdict(checkpoint.load_model_config(ckpt))
     mine = asdict(model.cfg)
     diff = [f"{k}: checkpoint {theirs.get(k)}, model {v}" for k, v in mine.items()
-            if k != "dropout" and theirs.get(k) != v]
+            if k not in ("dropout", "attn_dropout") and theirs.get(k) != v]
     if diff:
         raise ValueError(f"--init_from {ckpt}: its model differs from this one ({'; '.join(diff)}); drop the model "
                          "flags to take its shape")

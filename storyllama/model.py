@@ -119,7 +119,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
-        self.dropout = cfg.dropout
+        self.dropout, self.attn_dropout = cfg.dropout, cfg.attn_dropout
         self.ops = ops
         self.cache: KVCache | None = None
 
@@ -131,9 +131,9 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, D)
         q, k = self.ops.rope(q, cos, sin), self.ops.rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or Hkv, T, D)
-        dropout = self.dropout if self.training else 0.0
         if self.cache is None:
-            y = attend(q, k, v, attn_mask, dropout)  # attn_mask: None (causal) or a document mask
+            # attn_mask: None (causal) or a document mask
+            y = attend(q, k, v, attn_mask, self.attn_dropout if self.training else 0.0)
         else:
             k, v = self.cache.update(cache_pos, k, v)  # (B, Hkv, S, D)
             # The cache may be wider than the weights (fp32 beside bf16 weights on CPU, where bf16 SDPA is
@@ -141,7 +141,7 @@ class Attention(nn.Module):
             # the dtypes agree.
             y = attend(q.to(k.dtype), k, v, attn_mask, 0.0).to(q.dtype)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H * D)
-        return F.dropout(self.wo(y), dropout, self.training)
+        return F.dropout(self.wo(y), self.dropout, self.training)
 
 
 class FeedForward(nn.Module):

@@ -134,14 +134,15 @@ def build_model_config(args: argparse.Namespace, vocab_from_data: int) -> ModelC
 
 def _model_config(args: argparse.Namespace, ckpt: Path | None, meta: dict, init_from: str | None) -> ModelConfig:
     """The checkpoint's model when resuming or fine-tuning (flags that contradict it are an error, but for
-    --dropout when fine-tuning), else the flags'."""
+    --dropout and --attn_dropout when fine-tuning), else the flags'."""
     asked = build_model_config(args, meta["tokenizer"]["vocab_size"])
     source = ckpt if ckpt is not None else (checkpoint.resolve(init_from) if init_from else None)
     if source is None:
         return asked
     mcfg = checkpoint.load_model_config(source)
-    if ckpt is None and "dropout" in given(args, ModelConfig):
-        mcfg = replace(mcfg, dropout=asked.dropout)
+    if ckpt is None:
+        rates = [k for k in ("dropout", "attn_dropout") if k in given(args, ModelConfig)]
+        mcfg = replace(mcfg, **{k: getattr(asked, k) for k in rates})
     if given(args, ModelConfig) or args.preset:
         diff = {k: (v, getattr(asked, k)) for k, v in asdict(mcfg).items() if v != getattr(asked, k)}
         if diff:

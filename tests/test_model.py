@@ -4,9 +4,11 @@ Hugging Face transformers' LlamaForCausalLM as an independent reference."""
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from storyllama.config import PRESETS, ModelConfig, preset
 from storyllama.hf import hf_config_dict, to_hf_state_dict
@@ -276,7 +278,7 @@ def test_compiled_model_gives_the_eager_loss():
 
 
 # -- which SDPA kernel serves each attention call ----------------------------------------------------------
-def _attention_cases(device: str, dropout: float = 0.0) -> list[tuple[str, object]]:
+def _attention_cases(device: str, dropout: float = 0.0, attn_dropout: float = 0.0) -> list[tuple[str, object]]:
     """(name, thunk) for every way the model attends: training fp32 and bf16 (forward + backward, causal, no
     mask, or document-masked) and sampling (prefill and cached decode, both with a mask), on a GQA model
     (4 heads, 2 kv heads)."""
@@ -284,7 +286,7 @@ def _attention_cases(device: str, dropout: float = 0.0) -> list[tuple[str, objec
     from storyllama.sample import generate
 
     torch.manual_seed(0)
-    model = Llama(ModelConfig(**{**SMALL, "dropout": dropout})).to(device)
+    model = Llama(ModelConfig(**{**SMALL, "dropout": dropout, "attn_dropout": attn_dropout})).to(device)
     idx = torch.randint(0, 256, (2, 33), device=device)
 
     docs = idx.clone()
@@ -305,10 +307,10 @@ def _attention_cases(device: str, dropout: float = 0.0) -> list[tuple[str, objec
             ("prefill+decode", sample([[1, 2, 3], [4, 5, 6, 7, 8, 9]])), ("decode-1-token-prompt", sample([[7]]))]
 
 
-def _every_case_runs_on(backends, device: str, dropout: float = 0.0) -> None:
+def _every_case_runs_on(backends, device: str, dropout: float = 0.0, attn_dropout: float = 0.0) -> None:
     from torch.nn.attention import sdpa_kernel
 
-    for name, run in _attention_cases(device, dropout):
+    for name, run in _attention_cases(device, dropout, attn_dropout):
         with sdpa_kernel(backends):  # the math kernel is not allowed: "No available kernel" if it were needed
             try:
                 run()
@@ -317,11 +319,40 @@ def _every_case_runs_on(backends, device: str, dropout: float = 0.0) -> None:
 
 
 def test_attention_runs_on_the_cpu_flash_kernel():
-    """Without dropout: no fused CPU kernel takes attention dropout (training with --dropout > 0 on CPU
-    runs the math kernel)."""
-    from torch.nn.attention import SDPBackend
+    """Training with --dropout (the residual stream's) keeps the CPU flash kernel; only --attn_dropout > 0
+    needs the math kernel there (no fused CPU kernel drops attention probabilities)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    _every_case_runs_on([SDPBackend.FLASH_ATTENTION], "cpu")
+    _every_case_runs_on([SDPBackend.FLASH_ATTENTION], "cpu", dropout=0.1)
+    name, run = _attention_cases("cpu", attn_dropout=0.1)[0]
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]), pytest.raises(RuntimeError, match="No available kernel"):
+        run()
+
+
+def test_dropout_rates_act_where_they_say():
+    """--dropout drops the residual stream (embeddings, block outputs), --attn_dropout the attention
+    probabilities; both only in training. With one rate set, the training loss is random and the other
+    module's dropout never runs."""
+    idx = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(0))
+    real = F.scaled_dot_product_attention
+    calls: list[float] = []
+
+    def sdpa(*a, **k):
+        calls.append(k["dropout_p"])
+        return real(*a, **k)
+
+    for rates in ({"dropout": 0.3}, {"attn_dropout": 0.3}, {}):
+        torch.manual_seed(0)
+        model = Llama(ModelConfig(**{**SMALL, **rates}))
+        calls.clear()
+        with mock.patch.object(F, "scaled_dot_product_attention", sdpa):
+            a, b = (model.train()(idx[:, :-1], idx[:, 1:]) for _ in range(2))
+            ev = model.eval()(idx[:, :-1], idx[:, 1:])
+        assert calls[:2 * SMALL["n_layers"]] == [rates.get("attn_dropout", 0.0)] * (2 * SMALL["n_layers"])
+        assert set(calls[2 * SMALL["n_layers"]:]) == {0.0}  # eval
+        assert (a != b) == bool(rates), rates
+        if not rates:
+            torch.testing.assert_close(a, ev)
 
 
 @pytest.mark.gpu
@@ -329,7 +360,8 @@ def test_attention_runs_on_the_cpu_flash_kernel():
 def test_attention_runs_on_fused_cuda_kernels():
     from torch.nn.attention import SDPBackend
 
-    _every_case_runs_on([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION], "cuda", dropout=0.1)
+    _every_case_runs_on([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION], "cuda", dropout=0.1,
+                        attn_dropout=0.1)
 
 
 def test_sdpa_calls_follow_the_cuda_kernel_rules(monkeypatch):
