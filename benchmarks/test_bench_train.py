@@ -45,6 +45,10 @@ VARIANTS = {
     "small-compile": ["--preset", "small", "--batch", "8", "--block", "256", "--compile"],
     "small-eager-doc": ["--preset", "small", "--batch", "8", "--block", "256", "--doc_aligned"],
     "small-eager-muon": ["--preset", "small", "--batch", "8", "--block", "256", "--optimizer", "muon"],
+    # --dropout (residual stream) keeps the flash kernel; --attn_dropout sends CPU attention to the math kernel
+    "small-eager-dropout": ["--preset", "small", "--batch", "8", "--block", "256", "--dropout", "0.1"],
+    "small-eager-attndropout": ["--preset", "small", "--batch", "8", "--block", "256", "--dropout", "0.1",
+                                "--attn_dropout", "0.1"],
     "88m-eager": ["--preset", "storyllama-88m", "--batch", "4", "--block", "512"],
     "88m-eager-doc": ["--preset", "storyllama-88m", "--batch", "4", "--block", "512", "--doc_aligned"],
     "88m-eager-muon": ["--preset", "storyllama-88m", "--batch", "4", "--block", "512", "--optimizer", "muon"],
@@ -62,7 +66,7 @@ def test_train_throughput(benchmark, name):
                                  "peak_rss_MB": r["peak_rss_mb"], "params_M": r["params_m"]})
     if "matmul" in _results:
         benchmark.extra_info["frac_of_matmul"] = r["gflops"] / _results["matmul"]["gflops"]
-    base = _results.get(name.split("-")[0] + "-eager")  # -doc, -muon: their cost against the plain step
+    base = _results.get(name.split("-")[0] + "-eager")  # -doc, -muon, -dropout: their cost against the plain step
     if base is not None and base is not r:
         benchmark.extra_info["speedup_vs_eager"] = r["tok_per_s"] / base["tok_per_s"]
         benchmark.extra_info["rss_vs_eager"] = r["peak_rss_mb"] / base["peak_rss_mb"]
