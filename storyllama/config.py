@@ -19,6 +19,10 @@ def pad_vocab(n: int, multiple: int = 64) -> int:
     return ((n + multiple - 1) // multiple) * multiple
 
 
+# ModelConfig fields that are training choices, not the model's shape: fine-tuning may change them
+DROPOUT_RATES = ("dropout", "attn_dropout")
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 50304
@@ -50,7 +54,7 @@ class ModelConfig:
                              "for grouped-query attention: change --n_kv_heads")
         if (self.dim // self.n_heads) % 2:
             raise ValueError(f"head_dim = dim / n_heads = {self.dim // self.n_heads} must be even for RoPE")
-        for name in ("dropout", "attn_dropout"):
+        for name in DROPOUT_RATES:
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         for name in ("norm_eps", "rope_theta"):

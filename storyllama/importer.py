@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from storyllama.config import ModelConfig, OneLineErrorParser
+from storyllama.config import DROPOUT_RATES, ModelConfig, OneLineErrorParser
 
 MARKER = ".storyllama-import.json"
 MAX_VOCAB = 65_536
@@ -394,7 +394,7 @@ def init_weights_from(model: torch.nn.Module, path: str | Path, data_meta: dict 
     theirs = asdict(checkpoint.load_model_config(ckpt))
     mine = asdict(model.cfg)
     diff = [f"{k}: checkpoint {theirs.get(k)}, model {v}" for k, v in mine.items()
-            if k not in ("dropout", "attn_dropout") and theirs.get(k) != v]
+            if k not in DROPOUT_RATES and theirs.get(k) != v]
     if diff:
         raise ValueError(f"--init_from {ckpt}: its model differs from this one ({'; '.join(diff)}); drop the model "
                          "flags to take its shape")

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from storyllama import checkpoint
 from storyllama.config import (
+    DROPOUT_RATES,
     ModelConfig,
     OneLineErrorParser,
     TrainConfig,
@@ -141,7 +142,7 @@ def _model_config(args: argparse.Namespace, ckpt: Path | None, meta: dict, init_
         return asked
     mcfg = checkpoint.load_model_config(source)
     if ckpt is None:
-        rates = [k for k in ("dropout", "attn_dropout") if k in given(args, ModelConfig)]
+        rates = [k for k in DROPOUT_RATES if k in given(args, ModelConfig)]
         mcfg = replace(mcfg, **{k: getattr(asked, k) for k in rates})
     if given(args, ModelConfig) or args.preset:
         diff = {k: (v, getattr(asked, k)) for k, v in asdict(mcfg).items() if v != getattr(asked, k)}

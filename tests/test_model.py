@@ -324,15 +324,15 @@ def test_attention_runs_on_the_cpu_flash_kernel():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     _every_case_runs_on([SDPBackend.FLASH_ATTENTION], "cpu", dropout=0.1)
-    name, run = _attention_cases("cpu", attn_dropout=0.1)[0]
+    _, run = _attention_cases("cpu", attn_dropout=0.1)[0]
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]), pytest.raises(RuntimeError, match="No available kernel"):
         run()
 
 
 def test_dropout_rates_act_where_they_say():
     """--dropout drops the residual stream (embeddings, block outputs), --attn_dropout the attention
-    probabilities; both only in training. With one rate set, the training loss is random and the other
-    module's dropout never runs."""
+    probabilities; both only in training. Every training SDPA call gets exactly --attn_dropout (0 when only
+    --dropout is set), eval calls 0; either rate alone makes the training loss random."""
     idx = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(0))
     real = F.scaled_dot_product_attention
     calls: list[float] = []
