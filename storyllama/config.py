@@ -110,6 +110,15 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     return ModelConfig(**{**PRESETS[name], **overrides})
 
 
+# The seed project's optimizer settings, which were TrainConfig's defaults until the recipe of README
+# "Measured results" (issue 12) replaced them. A checkpoint saved before these fields existed was trained with
+# them, and an --init_from fine-tune takes them for every one of these flags it is not given: the fine-tuning
+# stages were measured with them, and Muon's fixed-size steps at --muon_lr would move pretrained weights at
+# pretraining speed whatever --max_lr says.
+SEED_RECIPE: dict[str, Any] = dict(optimizer="adamw", weight_decay=0.1, muon_lr=0.02, muon_weight_decay=0.0,
+                                   zero_init=False, ema_decay=0.0)
+
+
 @dataclass
 class TrainConfig:
     data: str = "data/builtin"
@@ -123,17 +132,17 @@ class TrainConfig:
     max_lr: float = 6e-4
     min_lr_ratio: float = 0.1  # cosine decays to max_lr * min_lr_ratio
     warmup_iters: int = 100
-    weight_decay: float = 0.1
+    weight_decay: float = 1.0  # decoupled (lr x decay per step); the seed project's 0.1 is SEED_RECIPE's
     beta1: float = 0.9
     beta2: float = 0.95
     clip: float = 1.0  # gradient-norm clipping; 0: none
-    # optimizer and recipe (README, Training: --optimizer, --zero_init, --ema_decay)
-    optimizer: str = "adamw"  # adamw | muon (Muon for the blocks' matrices, AdamW for embeddings and norms)
-    muon_lr: float = 0.02  # Muon's peak lr, on --max_lr's schedule; torch's "original" per-shape adjustment
+    # optimizer and recipe (README, Training: the defaults are the measured recipe; SEED_RECIPE the seed's)
+    optimizer: str = "muon"  # adamw | muon (Muon for the blocks' matrices, AdamW for embeddings and norms)
+    muon_lr: float = 0.04  # Muon's peak lr, on --max_lr's schedule; torch's "original" per-shape adjustment
     muon_momentum: float = 0.95  # Nesterov momentum of the Muon group
-    muon_weight_decay: float = 0.0  # decoupled, on the Muon group (AdamW's groups keep --weight_decay)
-    zero_init: bool = False  # a fresh run starts every attention wo and MLP w2 at zero
-    ema_decay: float = 0.0  # 0: off; else an exponential moving average of the weights, evaluated and saved
+    muon_weight_decay: float = 0.4  # decoupled, on the Muon group (AdamW's groups keep --weight_decay)
+    zero_init: bool = True  # a fresh run starts every attention wo and MLP w2 at zero
+    ema_decay: float = 0.99  # 0: off; else an exponential moving average of the weights, evaluated and saved
     # evaluation, logging, checkpoints
     eval_interval: int = 100
     eval_iters: int = 20  # validation batches per eval (0: the whole split)

@@ -12,10 +12,10 @@ and momentum buffers before the step and writing the snapshot back with `torch.w
 after it. `where` selects, so a NaN update is discarded bit for bit; the cost is two copies and two
 selects of the Muon parameters per step.
 
-`Ema`: an `torch.optim.swa_utils.AveragedModel` holding the averaged copy, updated with the library's
-`get_ema_multi_avg_fn` (one `_foreach_lerp_`). `AveragedModel.update_parameters` itself is not
-called: it reads its `n_averaged` counter on the host twice per call (`bool(n_averaged == 0)`,
-`n_averaged > 0`), a device sync on every step on a GPU.
+`Ema`: an `torch.optim.swa_utils.AveragedModel` holding the averaged copy, updated by one `_foreach_lerp_`
+whose weight is a host float from the step count (a running mean first, then the EMA). Its
+`update_parameters` is not called: it reads its `n_averaged` counter on the host twice per call
+(`bool(n_averaged == 0)`, `n_averaged > 0`), a device sync on every step on a GPU.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from storyllama.config import TrainConfig
 
@@ -183,11 +183,14 @@ class MuonAdamW:
 
 
 class Ema:
-    """An exponential moving average of the model's weights: ema = decay * ema + (1 - decay) * weights after
-    every optimizer step, starting from the weights the run starts with (or the checkpoint's average)."""
+    """An average of the model's weights after every optimizer step: the mean of all of them until the run has
+    taken 1 / (1 - decay) steps, the exponential average (ema = decay * ema + (1 - decay) * weights) from then
+    on. So a short run's average is of its trained weights, not mostly the initial ones (after 12 steps at
+    0.99 those would still weigh 89%); from step 1 / (1 - decay) on it is the plain EMA. The step is the run's
+    (restored on resume), so a resumed run averages exactly as an uninterrupted one."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
-        self.avg = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
+        self.avg = AveragedModel(model)  # the copy; updated below, not through update_parameters (module docstring)
         self.avg.requires_grad_(False)
         self.decay = decay
         self._pairs: tuple[list[torch.Tensor], list[torch.Tensor]] = (
@@ -198,7 +201,10 @@ class Ema:
         """The averaged model (a plain Llama: what is evaluated, saved as model_ema.safetensors and sampled)."""
         return self.avg.module
 
+    def weight(self, step: int) -> float:
+        """The share of the weights after optimizer step `step` (1, 2, ...) in the average."""
+        return max(1.0 - self.decay, 1.0 / step)
+
     @torch.no_grad()
-    def update(self) -> None:
-        self.avg.multi_avg_fn(*self._pairs, self.avg.n_averaged)
-        self.avg.n_averaged += 1  # on the device, never read by the loop
+    def update(self, step: int) -> None:
+        torch._foreach_lerp_(*self._pairs, self.weight(step))  # one fused pass; a host float, no device read

@@ -39,6 +39,7 @@ from tqdm import tqdm
 from storyllama import checkpoint
 from storyllama.config import (
     DROPOUT_RATES,
+    SEED_RECIPE,
     ModelConfig,
     OneLineErrorParser,
     TrainConfig,
@@ -83,17 +84,24 @@ def resolve_config(cfg: TrainConfig, args: argparse.Namespace) -> tuple[TrainCon
     purpose, and the change is said."""
     ckpt = _find_resume(cfg, Path(cfg.out))
     if ckpt is None:
+        if cfg.init_from is not None:  # a fine-tune: the seed's optimizer settings unless given (SEED_RECIPE)
+            seed = {k: v for k, v in SEED_RECIPE.items() if k not in given(args, TrainConfig)}
+            cfg = replace(cfg, **seed)
+            if seed and int(os.environ.get("RANK", "0")) == 0:
+                log.info("fine-tuning with the seed recipe's %s (flags given now override it)",
+                         ", ".join(f"{k} {v}" for k, v in seed.items()))
         return cfg, None, {}
     state = checkpoint.load_state(ckpt)
     saved = {k: v for k, v in state.get("train_config", {}).items() if k in {f.name for f in fields(TrainConfig)}}
+    saved = {**SEED_RECIPE, **saved}  # a checkpoint older than a recipe field was trained with the seed's value
     now = given(args, TrainConfig)
     merged = {**saved, **{k: getattr(cfg, k) for k in _PER_INVOCATION}, **now}
     if "epochs" in now:  # --epochs given now sets the length again
         merged.pop("total_iters", None)
     resolved = TrainConfig(**merged)
     changed = {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v and k not in _PER_INVOCATION}
-    if resolved.optimizer != saved.get("optimizer", "adamw"):
-        raise ValueError(f"{ckpt} was trained with --optimizer {saved.get('optimizer', 'adamw')}; its optimizer state "
+    if resolved.optimizer != saved["optimizer"]:
+        raise ValueError(f"{ckpt} was trained with --optimizer {saved['optimizer']}; its optimizer state "
                          f"cannot continue as {resolved.optimizer}: resume with the same --optimizer, or start a new "
                          "run from its weights with --init_from")
     if changed and int(os.environ.get("RANK", "0")) == 0:
@@ -376,7 +384,7 @@ def train_step(run: Run, prog: Progress, nan_here: bool = False) -> tuple[torch.
     _optimizer_step(run.optimizer, ok)
     run.optimizer.zero_grad(set_to_none=True)
     if run.ema is not None:
-        run.ema.update()
+        run.ema.update(prog.step + 1)
     prog.bad_run.add_(1).mul_(~ok)
     torch.maximum(prog.worst_run, prog.bad_run, out=prog.worst_run)
     prog.skipped.add_(~ok)

@@ -16,7 +16,7 @@ from tiny_checkpoint import save_checkpoint, tiny_model
 from storyllama import checkpoint
 from storyllama.config import ModelConfig, TrainConfig
 from storyllama.model import Llama
-from storyllama.optim import MuonAdamW, hidden_matrices
+from storyllama.optim import Ema, MuonAdamW, hidden_matrices
 from storyllama.train import main as train_main
 
 SHAPE = ["--preset", "tiny", "--dim", "64", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2",
@@ -152,6 +152,27 @@ def test_a_skipped_muon_step_leaves_weights_and_optimizer_state_exactly_unchange
     opt.step(torch.tensor(True))  # and the next good step updates
     assert not torch.equal(model.state_dict()["layers.0.attention.wq.weight"],
                            before[0]["layers.0.attention.wq.weight"])
+
+
+def test_ema_is_the_running_mean_then_the_exponential_average():
+    """--ema_decay d: after step k the average is the mean of the k trained weights while k <= 1 / (1 - d) (the
+    initial weights get no share), then d * average + (1 - d) * weights; checked against float64 by hand."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    ema = Ema(model, 0.75)  # a running mean for 4 steps, then the EMA
+    seen: list[list[torch.Tensor]] = []
+    for step in range(1, 10):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn_like(p))
+        seen.append([p.detach().double().clone() for p in model.parameters()])
+        ema.update(step)
+        if step <= 4:
+            ref = [sum(w[i] for w in seen) / step for i in range(2)]
+        else:
+            ref = [0.75 * r + 0.25 * w for r, w in zip(ref, seen[-1])]
+        for got, want in zip(ema.module.parameters(), ref):
+            torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6)
 
 
 def test_zero_init_starts_wo_and_w2_at_zero_and_the_first_step_moves_them():

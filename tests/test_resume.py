@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from storyllama import checkpoint
+from storyllama.config import SEED_RECIPE
 from storyllama.train import main as train_main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,23 +119,26 @@ def test_damaged_and_inconsistent_checkpoints_are_one_line_errors(builtin_data, 
     assert train_main(args(builtin_data, out, "--batch_size", "2", "--total_iters", "2")) == 0
     ckpt = checkpoint.resolve(out)
 
-    def sample() -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "bin/sample", "--checkpoint", str(ckpt), "--max_new_tokens", "4"],
-                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+    def sample(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "bin/sample", "--checkpoint", str(ckpt), "--max_new_tokens", "4",
+                               *extra], cwd=ROOT, capture_output=True, text=True, timeout=120)
 
     def resume() -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "bin/train", *args(builtin_data, tmp_path / "r2", "--resume",
                                str(ckpt), "--total_iters", "4")], cwd=ROOT, capture_output=True, text=True,
                               timeout=120)
 
-    weights = ckpt / "model.safetensors"
-    good = weights.read_bytes()
-    flipped = bytearray(good)
-    flipped[len(good) // 2] ^= 0xFF  # one flipped byte in the middle of a tensor: loads "fine" without a checksum
-    weights.write_bytes(bytes(flipped))
-    res = sample()
-    assert res.returncode == 2 and "model.safetensors is damaged" in res.stderr and "Traceback" not in res.stderr
-    weights.write_bytes(good)
+    # the weights sample reads: the EMA's by default, the trained ones with --weights raw
+    for name, extra in (("model_ema.safetensors", ()), ("model.safetensors", ("--weights", "raw"))):
+        weights = ckpt / name
+        good = weights.read_bytes()
+        flipped = bytearray(good)
+        flipped[len(good) // 2] ^= 0xFF  # one flipped byte in the middle of a tensor: loads "fine" without a checksum
+        weights.write_bytes(bytes(flipped))
+        res = sample(*extra)
+        assert res.returncode == 2 and f"{name} is damaged" in res.stderr and "Traceback" not in res.stderr, name
+        assert sample(*(() if extra else ("--weights", "raw"))).returncode == 0  # the other file is still read
+        weights.write_bytes(good)
     # a truncated optimizer state: named, no traceback, nothing written
     opt = ckpt / "optimizer.pt"
     opt.write_bytes(opt.read_bytes()[:1000])
@@ -293,6 +297,17 @@ def test_init_from_starts_a_fine_tune_from_a_runs_weights(builtin_data, tmp_path
     b = load_file(str(checkpoint.resolve(tuned) / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-8)
+    # the base trained with the defaults (Muon, EMA); the fine-tune took the seed's optimizer settings, except
+    # those given on its command line
+    assert checkpoint.load_state(checkpoint.resolve(base))["train_config"]["optimizer"] == "muon"
+    assert {k: state["train_config"][k] for k in SEED_RECIPE} == SEED_RECIPE
+    assert not (checkpoint.resolve(tuned) / "model_ema.safetensors").exists()
+    given = tmp_path / "given"
+    assert train_main(["--data", str(builtin_data), "--out", str(given), "--init_from", str(base), "--batch_size", "2",
+                       "--total_iters", "1", "--optimizer", "muon", "--ema_decay", "0.9", "--device", "cpu",
+                       "--sample_tokens", "0"]) == 0
+    saved = checkpoint.load_state(checkpoint.resolve(given))["train_config"]
+    assert {k: saved[k] for k in SEED_RECIPE} == {**SEED_RECIPE, "optimizer": "muon", "ema_decay": 0.9}
     from storyllama.data_prep.prepare import main as prepare_main
 
     other = tmp_path / "other"
@@ -302,6 +317,27 @@ def test_init_from_starts_a_fine_tune_from_a_runs_weights(builtin_data, tmp_path
     assert train_main(["--data", str(other), "--out", str(tmp_path / "t2"), "--init_from", str(base),
                        "--total_iters", "2", "--device", "cpu"]) == 2
     assert "its tokenizer" in capsys.readouterr().err and not (tmp_path / "t2" / "checkpoints").exists()
+
+
+def test_a_checkpoint_older_than_the_recipe_flags_resumes_with_the_seed_recipe(builtin_data, tmp_path):
+    """A checkpoint written before --optimizer, --ema_decay, ... existed was trained with the seed's AdamW and
+    no EMA: it resumes that way (the new defaults would not fit its optimizer state), with no flag needed."""
+    from storyllama.data_prep.tokenizer import file_sha256
+
+    out = tmp_path / "old"
+    assert train_main(args(builtin_data, out, "--batch_size", "2", "--total_iters", "2", "--optimizer", "adamw",
+                           "--ema_decay", "0", "--weight_decay", "0.1")) == 0
+    ckpt = checkpoint.resolve(out)
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    for k in SEED_RECIPE:
+        del state["train_config"][k]
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    sums = json.loads((ckpt / "checksums.json").read_text())
+    sums["trainer_state.json"] = file_sha256(ckpt / "trainer_state.json")
+    (ckpt / "checksums.json").write_text(json.dumps(sums))
+    assert train_main(["--out", str(out), "--resume", "auto", "--total_iters", "3", "--device", "cpu"]) == 0
+    saved = checkpoint.load_state(checkpoint.resolve(out))
+    assert saved["step"] == 3 and {k: saved["train_config"][k] for k in SEED_RECIPE} == SEED_RECIPE
 
 
 def test_wandb_without_a_login_says_how_before_writing_anything(builtin_data, tmp_path, monkeypatch, capsys):
@@ -327,7 +363,9 @@ def test_doc_aligned_run_resumes_exactly_and_refuses_a_switch(builtin_data, tmp_
     seed = next(s for s in range(100) if (RandomBatches(data, 2, 64, s, doc_aligned=True).batch_at(0)[0]
                                           == data.eot_id).any())
     x, y = RandomBatches(data, 2, 64, seed, doc_aligned=True).batch_at(0)
-    recipe = ["--batch_size", "2", "--total_iters", "4", "--save_interval", "2", "--doc_aligned", "--seed", str(seed)]
+    # not zero-initialised: a block that starts as the identity would hide what the mask does at step 0
+    recipe = ["--batch_size", "2", "--total_iters", "4", "--save_interval", "2", "--doc_aligned", "--seed", str(seed),
+              "--zero_init", "false"]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     assert train_main(args(builtin_data, straight, *recipe)) == 0
     torch.manual_seed(seed)
@@ -358,7 +396,7 @@ def test_eval_only_scores_a_plain_checkpoint_with_document_masking(builtin_data,
 
     out = tmp_path / "plain"
     assert train_main(args(builtin_data, out, "--batch_size", "2", "--total_iters", "4", "--max_lr", "1e-2",
-                           "--warmup_iters", "0")) == 0
+                           "--warmup_iters", "0", "--zero_init", "false")) == 0  # attention that matters at once
     scored = {}
     for flag in ("false", "true"):
         cfg, ns = parse_config(["--out", str(tmp_path / "eval"), "--resume", str(checkpoint.resolve(out)),
@@ -373,11 +411,15 @@ def test_eval_only_scores_a_plain_checkpoint_with_document_masking(builtin_data,
     assert abs(scored["true"] - scored["false"]) > 1e-4
 
 
-def test_a_flag_changed_on_resume_reaches_the_optimizer(builtin_data, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_a_flag_changed_on_resume_reaches_the_optimizer(builtin_data, tmp_path, optimizer):
     """The saved optimizer state carries its groups' betas and weight decay; the resumed run's flags win."""
     out = tmp_path / "run"
-    assert train_main(args(builtin_data, out, "--batch_size", "2", "--total_iters", "2")) == 0
+    assert train_main(args(builtin_data, out, "--batch_size", "2", "--total_iters", "2", "--optimizer", optimizer)) == 0
     assert train_main(["--data", str(builtin_data), "--out", str(out), "--resume", "auto", "--total_iters", "3",
-                       "--weight_decay", "0.5", "--beta2", "0.99"]) == 0
-    groups = torch.load(checkpoint.resolve(out) / "optimizer.pt", weights_only=True)["param_groups"]
+                       "--weight_decay", "0.5", "--beta2", "0.99", "--muon_weight_decay", "0.3"]) == 0
+    state = torch.load(checkpoint.resolve(out) / "optimizer.pt", weights_only=True)
+    groups = state["param_groups"] if optimizer == "adamw" else state["adamw"]["param_groups"]
     assert [g["weight_decay"] for g in groups] == [0.5, 0.0] and all(g["betas"] == (0.9, 0.99) for g in groups)
+    if optimizer == "muon":
+        assert [g["weight_decay"] for g in state["muon"]["param_groups"]] == [0.3]

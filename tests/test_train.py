@@ -49,7 +49,8 @@ def test_training_lowers_loss_and_writes_logs_plot_and_checkpoint(builtin_data, 
     # The weights load without the trainer, into a plain state dict with unprefixed names.
     weights = load_file(str(ckpt / "model.safetensors"))
     assert "tok_embeddings.weight" in weights and not any(k.startswith(("module.", "_orig_mod.")) for k in weights)
-    model, _ = checkpoint.load_model(out)
+    model, _ = checkpoint.load_model(out, weights="raw")
+    ema, _ = checkpoint.load_model(out)  # the EMA weights (on by default) when a checkpoint has them
     assert model.cfg.dim == 64 and model.cfg.vocab_size == 512
     # --eval_only scores a checkpoint on the whole validation split, the same number a manual pass gives
     from storyllama.data import TokenData, bytes_per_token, val_batches
@@ -61,7 +62,10 @@ def test_training_lowers_loss_and_writes_logs_plot_and_checkpoint(builtin_data, 
     val = TokenData(builtin_data, "val")
     with torch.no_grad():
         losses = [model(x, y).item() for x, y in val_batches(val, 4, 64)]
+        losses_ema = [ema(x, y).item() for x, y in val_batches(val, 4, 64)]
     assert summary["val_loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+    assert summary["val_loss_ema"] == pytest.approx(sum(losses_ema) / len(losses_ema), rel=1e-5)
+    assert summary["val_loss_ema"] != summary["val_loss"]
     assert summary["val_bpb"] == pytest.approx(summary["val_loss"] / math.log(2) / bytes_per_token(val.meta))
 
 
