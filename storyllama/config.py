@@ -143,6 +143,7 @@ class TrainConfig:
     muon_weight_decay: float = 0.4  # decoupled, on the Muon group (AdamW's groups keep --weight_decay)
     zero_init: bool = True  # a fresh run starts every attention wo and MLP w2 at zero
     ema_decay: float = 0.99  # 0: off; else an exponential moving average of the weights, evaluated and saved
+    dropout_start: int = 0  # late dropout: --dropout / --attn_dropout apply from this optimizer step on (0: always)
     # evaluation, logging, checkpoints
     eval_interval: int = 100
     eval_iters: int = 20  # validation batches per eval (0: the whole split)
@@ -193,8 +194,8 @@ class TrainConfig:
         for k in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, k) < 1.0:
                 raise ValueError(f"--{k} must be in [0, 1), got {getattr(self, k)}")
-        if self.warmup_iters < 0 or self.eval_iters < 0 or self.sample_tokens < 0:
-            raise ValueError("--warmup_iters, --eval_iters and --sample_tokens must be >= 0")
+        if self.warmup_iters < 0 or self.eval_iters < 0 or self.sample_tokens < 0 or self.dropout_start < 0:
+            raise ValueError("--warmup_iters, --eval_iters, --sample_tokens and --dropout_start must be >= 0")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"--min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.optimizer not in ("adamw", "muon"):

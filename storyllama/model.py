@@ -208,6 +208,15 @@ class Llama(nn.Module):
             if name.endswith(("wo.weight", "w2.weight")):
                 p.zero_()
 
+    def set_dropout(self, on: bool) -> None:
+        """Training dropout at the config's rates (on) or none (off: bin/train --dropout_start, before that step).
+        The rates are plain attributes read in forward, so a compiled model recompiles once at the switch."""
+        resid, attn = (self.cfg.dropout, self.cfg.attn_dropout) if on else (0.0, 0.0)
+        self.dropout.p = resid
+        for block in self.layers:
+            block.attention.dropout, block.attention.attn_dropout = resid, attn
+            block.feed_forward.dropout = resid
+
     @property
     def lm_head_weight(self) -> torch.Tensor:
         return self.tok_embeddings.weight if self.output is None else self.output.weight

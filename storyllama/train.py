@@ -465,8 +465,12 @@ def _loop(run: Run, prog: Progress, stop: StopFlag, resumed: bool) -> dict:
                file=sys.stderr)
     clock = {"start": time.time(), "log": time.time(), "log_step": prog.step, "saved": time.time()}
     stopped_by = None
+    dropout_on = None
     try:
         while prog.step < cfg.total_iters:
+            if dropout_on is not (prog.step >= cfg.dropout_start):  # --dropout_start: set at the start and the switch
+                dropout_on = prog.step >= cfg.dropout_start
+                run.raw_model.set_dropout(dropout_on)
             loss, grad_norm = train_step(run, prog, nan_here=faults.nan_at(d.rank) == prog.step)
             if faults.fail_at == (d.rank, prog.step):
                 raise RuntimeError(f"injected failure on rank {d.rank} at step {prog.step} (STORYLLAMA_TEST_FAIL_AT, "

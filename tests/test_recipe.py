@@ -200,12 +200,13 @@ def records(run_dir: Path, key: str) -> list[tuple[int, float]]:
 
 def test_muon_with_ema_and_zero_init_resumes_exactly_and_evaluates_both(builtin_data, tmp_path):
     """8 steps straight == 4, stop, resume, 4 more: the same losses, weights, EMA weights and optimizer state
-    (with dropout and accumulation); --zero_init is not applied again on
+    (with late dropout and accumulation); --zero_init is not applied again on
     resume (that would zero wo/w2 mid-run); evaluations log the raw and the EMA losses; --eval_only scores both."""
     # a constant lr: the halves' first run, 4 steps long, would have a shorter cosine
     common = [*SHAPE, "--dropout", "0.1", "--total_batch_size", "256", "--warmup_iters", "0", "--min_lr_ratio", "1",
               "--eval_interval", "4",
-              "--save_interval", "100", "--optimizer", "muon", "--ema_decay", "0.8", "--zero_init", "true"]
+              "--save_interval", "100", "--optimizer", "muon", "--ema_decay", "0.8", "--zero_init", "true",
+              "--dropout_start", "6"]  # the stop (step 4) falls before dropout starts
     straight, halves = tmp_path / "straight", tmp_path / "halves"
     assert train_main(["--data", str(builtin_data), "--out", str(straight), "--total_iters", "8", *common]) == 0
     assert train_main(["--data", str(builtin_data), "--out", str(halves), "--total_iters", "4", *common]) == 0
@@ -236,6 +237,19 @@ def test_muon_with_ema_and_zero_init_resumes_exactly_and_evaluates_both(builtin_
     rc = train_main(["--data", str(builtin_data), "--out", str(halves), "--total_iters", "9", "--resume", "auto",
                      "--optimizer", "adamw"])
     assert rc == 2
+
+
+def test_late_dropout_is_off_before_dropout_start_and_on_from_it(builtin_data, tmp_path):
+    """--dropout_start 3: steps 1-3 train exactly as with no dropout, steps from 4 on with it."""
+    common = [*SHAPE, "--total_iters", "5", "--log_interval", "1", "--eval_interval", "100", "--save_interval", "100"]
+    runs = {"late": ["--dropout", "0.3", "--dropout_start", "3"], "none": ["--dropout", "0"],
+            "always": ["--dropout", "0.3"]}
+    loss = {}
+    for name, flags in runs.items():
+        assert train_main(["--data", str(builtin_data), "--out", str(tmp_path / name), *common, *flags]) == 0
+        loss[name] = [v for _, v in records(tmp_path / name, "loss")]
+    assert loss["late"][:3] == loss["none"][:3] and loss["late"][3] != loss["none"][3]
+    assert loss["always"][0] != loss["none"][0]
 
 
 def test_sample_export_and_load_model_take_the_ema_weights_when_present(tmp_path, capsys):
