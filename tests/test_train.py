@@ -145,4 +145,8 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Once upon a time" in out and "loss curve" in out
     assert checkpoint.resolve(tmp_path / "run").name == "step_000004"
-    assert math.isfinite(checkpoint.load_state(checkpoint.resolve(tmp_path / "run"))["best_val_loss"])
+    state = checkpoint.load_state(checkpoint.resolve(tmp_path / "run"))
+    assert math.isfinite(state["best_val_loss"])
+    from storyllama.config import SEED_RECIPE
+
+    assert {k: state["train_config"][k] for k in SEED_RECIPE} == SEED_RECIPE  # the demo's measured recipe
