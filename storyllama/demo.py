@@ -28,9 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--story_tokens", type=int, default=200)
     a = p.parse_args(argv)
 
+    from storyllama.config import SEED_RECIPE
     from storyllama.data_prep.prepare import main as prepare_main
     from storyllama.sample import main as sample_main
-    from storyllama.config import SEED_RECIPE
     from storyllama.train import main as train_main
 
     t0 = time.time()
