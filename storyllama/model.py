@@ -210,7 +210,8 @@ class Llama(nn.Module):
 
     def set_dropout(self, on: bool) -> None:
         """Training dropout at the config's rates (on) or none (off: bin/train --dropout_start, before that step).
-        The rates are plain attributes read in forward, so a compiled model recompiles once at the switch."""
+        The rates are plain attributes read in forward; a compiled graph specialised on them is expected to
+        recompile at the switch (not measured: no test compiles across one)."""
         resid, attn = (self.cfg.dropout, self.cfg.attn_dropout) if on else (0.0, 0.0)
         self.dropout.p = resid
         for block in self.layers:

@@ -468,7 +468,7 @@ def _loop(run: Run, prog: Progress, stop: StopFlag, resumed: bool) -> dict:
     dropout_on = None
     try:
         while prog.step < cfg.total_iters:
-            if dropout_on is not (prog.step >= cfg.dropout_start):  # --dropout_start: set at the start and the switch
+            if dropout_on != (prog.step >= cfg.dropout_start):  # --dropout_start: set at the start and the switch
                 dropout_on = prog.step >= cfg.dropout_start
                 run.raw_model.set_dropout(dropout_on)
             loss, grad_norm = train_step(run, prog, nan_here=faults.nan_at(d.rank) == prog.step)
