@@ -111,6 +111,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.T
     return y.reshape(B, H, T, D)  # a view when y is contiguous
 
 
+def drop(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Dropout that reads the rate only in training: a graph compiled in eval mode (the evaluations) then does not
+    guard on it, and does not recompile when bin/train --dropout_start switches the rate."""
+    return F.dropout(x, p, True) if training and p > 0 else x
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, ops: KernelOps):
         super().__init__()
@@ -141,7 +147,7 @@ class Attention(nn.Module):
             # the dtypes agree.
             y = attend(q.to(k.dtype), k, v, attn_mask, 0.0).to(q.dtype)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H * D)
-        return F.dropout(self.wo(y), self.dropout, self.training)
+        return drop(self.wo(y), self.dropout, self.training)
 
 
 class FeedForward(nn.Module):
@@ -154,7 +160,7 @@ class FeedForward(nn.Module):
         self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.dropout(self.w2(self.ops.swiglu(self.w1(x), self.w3(x))), self.dropout, self.training)
+        return drop(self.w2(self.ops.swiglu(self.w1(x), self.w3(x))), self.dropout, self.training)
 
 
 class Block(nn.Module):
@@ -179,7 +185,7 @@ class Llama(nn.Module):
         self.ops = get_ops(kernels)
         self.fused_ce = fused_ce
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout  # the embeddings' (residual) rate
         self.layers = nn.ModuleList(Block(cfg, self.ops) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, self.ops)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
@@ -210,10 +216,10 @@ class Llama(nn.Module):
 
     def set_dropout(self, on: bool) -> None:
         """Training dropout at the config's rates (on) or none (off: bin/train --dropout_start, before that step).
-        The rates are plain attributes read in forward; a compiled graph specialised on them is expected to
-        recompile at the switch (not measured: no test compiles across one)."""
+        The rates are plain attributes read in training forwards only: with --compile the switch compiles one
+        more training graph and no evaluation graph (tests/test_resume.py counts them)."""
         resid, attn = (self.cfg.dropout, self.cfg.attn_dropout) if on else (0.0, 0.0)
-        self.dropout.p = resid
+        self.dropout = resid
         for block in self.layers:
             block.attention.dropout, block.attention.attn_dropout = resid, attn
             block.feed_forward.dropout = resid
@@ -242,7 +248,7 @@ class Llama(nn.Module):
         else:
             # Per-row positions (B or 1, T), e.g. left-padded prompts while sampling.
             cos, sin = self.rope_cos[0][positions], self.rope_sin[0][positions]  # (B, T, D/2)
-        x = self.dropout(self.tok_embeddings(idx))  # (B, T, dim)
+        x = drop(self.tok_embeddings(idx), self.dropout, self.training)  # (B, T, dim)
         for layer in self.layers:
             x = layer(x, cos, sin, cache_pos, attn_mask)
         return self.norm(x)

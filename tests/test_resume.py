@@ -238,26 +238,29 @@ def test_torchrun_with_one_process_destroys_its_group(builtin_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_evaluations_do_not_recompile_the_training_graph(builtin_data, tmp_path):
+def test_evaluations_do_not_recompile_the_training_graph_and_late_dropout_recompiles_once(builtin_data, tmp_path):
     """Sampling at each evaluation used to attach a KV cache to the module being trained, changing the
     compiled graph's guards: a recompile after the first evaluation. Now three evaluations with samples
-    compile no more graphs than one."""
+    compile no more graphs than one. --dropout_start: the dropout rate is a constant of the compiled graph,
+    so the switch compiles exactly one more graph, and the steps after it reuse that graph."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
     from storyllama.train import parse_config, train
 
-    def graphs(out: Path, total: str) -> int:
+    def graphs(out: Path, total: str, *flags: str) -> int:
         torch._dynamo.reset()
         counters.clear()
         cfg, ns = parse_config(args(builtin_data, out, "--batch_size", "2", "--total_iters", total,
                                     "--eval_interval", "2", "--sample_tokens", "4", "--compile", "--log_interval",
-                                    "2", "--save_interval", "1000"))
+                                    "2", "--save_interval", "1000", *flags))
         train(cfg, ns)
         return counters["stats"]["unique_graphs"]
 
     one, three = graphs(tmp_path / "one", "2"), graphs(tmp_path / "three", "6")
     assert three == one, (one, three)
+    late = graphs(tmp_path / "late", "6", "--dropout", "0.1", "--dropout_start", "3")
+    assert late == one + 1, (one, late)
 
 
 @pytest.mark.gpu
