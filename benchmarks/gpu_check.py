@@ -140,8 +140,9 @@ def stage_tests(plan: Plan) -> list[Row]:
 
 
 def _kernel_row(op: str, impl: str, plan: Plan, base: dict[str, float]) -> Row:
-    from storyllama.kernels.cross_entropy import linear_cross_entropy
     from test_bench_kernels import fwd_bwd, kernel_case
+
+    from storyllama.kernels.cross_entropy import linear_cross_entropy
 
     dtype = torch.bfloat16 if plan.device.type == "cuda" else torch.float32
     if op == "linear_ce":
@@ -261,10 +262,9 @@ def copy_gbps(plan: Plan) -> float:
 
 
 def stage_sample(plan: Plan) -> list[Row]:
-    from storyllama.kernels import resolve_backend
-
     from storyllama import sample
     from storyllama.config import SampleConfig, preset
+    from storyllama.kernels.ops import resolve_backend
     from storyllama.model import Llama
 
     torch.manual_seed(0)

@@ -69,10 +69,10 @@ def main() -> None:
 def build(args) -> None:
     import torch
     import transformers
-    from storyllama.data_prep.builtin import write_stories
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from storyllama.config import PRESETS
+    from storyllama.data_prep.builtin import write_stories
 
     work = Path(args.work)
     shape = PRESETS[args.preset]
@@ -97,10 +97,10 @@ def build(args) -> None:
 def sample(args) -> None:
     import torch
     import transformers
-    from storyllama.data_prep.tokenizer import load_encoding
 
     from storyllama import checkpoint
     from storyllama.config import SampleConfig
+    from storyllama.data_prep.tokenizer import load_encoding
     from storyllama.sample import generate
 
     work = Path(args.work)

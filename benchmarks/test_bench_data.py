@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from storyllama.data_prep.prepare import PrepareOptions, prepare
 from storyllama.data_prep.tokenizer import dump_ranks, train_bpe
 

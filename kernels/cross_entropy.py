@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from storyllama.kernels._triton_utils import next_pow2, tl, triton, use_triton, warps_for
 
 # Vocabulary block per loop step: 4k fp32 values in flight per program (16 per thread at 8 warps).

@@ -9,6 +9,7 @@ back to x's dtype before the weight, so the output dtype is promote(x.dtype, wei
 from __future__ import annotations
 
 import torch
+
 from storyllama.kernels._triton_utils import next_pow2, persistent_programs, tl, triton, use_triton, warps_for
 
 # One row lives in one tile: 32k columns of fp32 is 128 KiB of registers across the program. Wider rows

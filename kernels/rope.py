@@ -12,6 +12,7 @@ cos/sin helper and the plain PyTorch reference.
 from __future__ import annotations
 
 import torch
+
 from storyllama.kernels._triton_utils import next_pow2, tl, triton, use_triton, warps_for
 
 # Elements per half-tile: (BLOCK_T, BLOCK_H, BLOCK_D) covers several positions of all heads, so a

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from storyllama.kernels._triton_utils import next_pow2, tl, triton, use_triton, warps_for
 
 # Elements per program tile; columns at most 1024 wide so a row of any width is split across programs.

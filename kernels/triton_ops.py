@@ -6,8 +6,8 @@ PyTorch reference elsewhere, saying once when it falls back.
 
 from __future__ import annotations
 
-from storyllama.kernels import KernelOps
 from storyllama.kernels.cross_entropy import linear_cross_entropy
+from storyllama.kernels.ops import KernelOps
 from storyllama.kernels.rmsnorm import rmsnorm
 from storyllama.kernels.rope import rope
 from storyllama.kernels.swiglu import swiglu

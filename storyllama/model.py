@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from storyllama.config import ModelConfig
-from storyllama.kernels import KernelOps, get_ops
+from storyllama.kernels.ops import KernelOps, get_ops
 from storyllama.kernels.rope import rope_cos_sin
 
 

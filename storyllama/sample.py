@@ -612,7 +612,7 @@ def load_for_sampling(path: str, device: torch.device, dtype: torch.dtype, weigh
     the Triton kernels on CUDA and the reference ops elsewhere (storyllama.kernels.resolve_backend("auto"))."""
     from storyllama.checkpoint import load_model
     from storyllama.data_prep.tokenizer import load_encoding
-    from storyllama.kernels import resolve_backend
+    from storyllama.kernels.ops import resolve_backend
 
     model, ckpt = load_model(path, device=device, kernels=resolve_backend("auto", device), weights=weights)
     # Cast the weights only: the RoPE tables stay fp32 (model.to(dtype) would round them).

@@ -60,7 +60,7 @@ from storyllama.distributed import (
     init_distributed,
     restart_count,
 )
-from storyllama.kernels import resolve_backend
+from storyllama.kernels.ops import resolve_backend
 from storyllama.locking import DirLock
 from storyllama.metrics import Metrics, check_wandb_login, peak_flops
 from storyllama.model import Llama

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from storyllama.data_prep.shards import HEADER_BYTES
 
 ROOT = Path(__file__).resolve().parent.parent

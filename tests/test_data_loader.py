@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from storyllama.data_prep.shards import HEADER_BYTES, shard_name, write_shard
 
 from storyllama.data import DataError, RandomBatches, TokenData, bytes_per_token, load_meta, val_batches
+from storyllama.data_prep.shards import HEADER_BYTES, shard_name, write_shard
 
 RandomBatchesClass = RandomBatches
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tiktoken
+
 from storyllama.data_prep import builtin, encode, sources
 from storyllama.data_prep.prepare import MARKER_FILE, PrepareError, PrepareOptions, main, prepare
 from storyllama.data_prep.shards import HEADER_BYTES, PAUSE_ENV, PAUSE_TOKENIZE_ENV, open_shard, read_header
@@ -203,8 +204,9 @@ def test_bpe_deterministic_and_round_trips_any_unicode(stories):
 
 def test_bpe_ranks_tokenize_like_the_trainer(stories):
     """The conversion to tiktoken ranks keeps the Hugging Face tokenizer's own segmentation."""
-    from storyllama.data_prep.tokenizer import byte_level_chars
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+
+    from storyllama.data_prep.tokenizer import byte_level_chars
 
     train, held_out = stories[:300], stories[300:]
     hf = Tokenizer(models.BPE())

@@ -137,6 +137,8 @@ def _stories(path: Path) -> list[str]:
 def test_exported_tokenizer_json_gives_our_ids_on_the_validation_sample(tmp_path, kind):
     import json
 
+    from tokenizers import Tokenizer
+
     from storyllama.data_prep.tokenizer import (
         EOT,
         GPT2_PAT_STR,
@@ -146,7 +148,6 @@ def test_exported_tokenizer_json_gives_our_ids_on_the_validation_sample(tmp_path
         make_encoding,
         train_bpe,
     )
-    from tokenizers import Tokenizer
 
     ranks = gpt2_ranks(SHARED / "gpt2.tiktoken") if kind == "gpt2" else train_bpe(_stories(TRAIN), 2048)
     data = tmp_path / "data"
@@ -306,7 +307,6 @@ def test_gguf_carries_the_bpe_merges(tmp_path):
 
     from storyllama.data_prep.builtin import write_stories
     from storyllama.data_prep.tokenizer import EOT, GPT2_PAT_STR, dump_ranks, file_sha256, make_encoding, train_bpe
-
     from storyllama.gguf_export import gguf_metadata
 
     ranks = train_bpe(write_stories(100, 3), 300)

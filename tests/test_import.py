@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from storyllama.data_prep.builtin import write_stories
-from storyllama.data_prep.shards import ShardWriter
-from storyllama.data_prep.tokenizer import load_encoding, write_hf_tokenizer
 
 from storyllama import checkpoint
 from storyllama.config import SampleConfig
+from storyllama.data_prep.builtin import write_stories
+from storyllama.data_prep.shards import ShardWriter
+from storyllama.data_prep.tokenizer import load_encoding, write_hf_tokenizer
 from storyllama.importer import import_model, init_weights_from, main
 from storyllama.sample import generate
 

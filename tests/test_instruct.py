@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from storyllama.data import RandomBatches, TokenData, bytes_per_token, val_batches
 from storyllama.data_prep import builtin
 from storyllama.data_prep.instruct import InstructError, Request, encode_pair, parse_instruct_lines, read_pairs
 from storyllama.data_prep.prepare import main as prepare_main
 from storyllama.data_prep.tokenizer import load_encoding
-
-from storyllama.data import RandomBatches, TokenData, bytes_per_token, val_batches
 from storyllama.instruct_score import check_feature, uses_word, word_forms
 from storyllama.sample import request_prompt
 

@@ -23,20 +23,20 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (conftest.py does it too)
 
 import pytest  # noqa: E402
-import storyllama.kernels.cross_entropy as ce  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from storyllama.kernels import REFERENCE, get_ops, resolve_backend  # noqa: E402
+
+import storyllama.kernels.cross_entropy as ce  # noqa: E402
+from storyllama import kernels  # noqa: E402
 from storyllama.kernels._triton_utils import HAS_TRITON, interpreted  # noqa: E402
 from storyllama.kernels.cross_entropy import (  # noqa: E402
     linear_cross_entropy,
     linear_cross_entropy_chunked,
     linear_cross_entropy_reference,
 )
+from storyllama.kernels.ops import REFERENCE, get_ops, resolve_backend  # noqa: E402
 from storyllama.kernels.rmsnorm import rmsnorm, rmsnorm_bwd_triton, rmsnorm_fwd_triton, rmsnorm_reference  # noqa: E402
 from storyllama.kernels.rope import rope, rope_cos_sin, rope_reference, rope_triton  # noqa: E402
 from storyllama.kernels.swiglu import swiglu, swiglu_bwd_triton, swiglu_fwd_triton, swiglu_reference  # noqa: E402
-
-from storyllama import kernels  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")

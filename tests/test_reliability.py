@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from storyllama.data_prep.prepare import main as prepare_main
 
 from storyllama import checkpoint
+from storyllama.data_prep.prepare import main as prepare_main
 from storyllama.train import main as train_main
 
 ROOT = Path(__file__).resolve().parent.parent

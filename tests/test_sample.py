@@ -247,9 +247,8 @@ def test_sample_main_batches_prompts_and_samples(saved, capsys):
 
 def test_sample_main_greedy_matches_generate(saved, capsys):
     """The CLI prints the prompt followed by the tokens generate() gives for the encoded prompt."""
-    from storyllama.data_prep.tokenizer import load_encoding
-
     from storyllama.checkpoint import load_model
+    from storyllama.data_prep.tokenizer import load_encoding
 
     _, ckpt = saved
     assert main(["--checkpoint", str(ckpt), "--prompt", "Hi", "--max_new_tokens", "12", "--temperature", "0"]) == 0
@@ -410,9 +409,8 @@ def test_compiled_sampling_reuses_one_graph_and_one_cache_across_prompt_lengths(
 def test_load_for_sampling_takes_triton_ops_on_cuda_and_reference_ops_on_cpu(saved, monkeypatch):
     """bin/sample's model uses kernels.resolve_backend("auto", device): Triton on CUDA (recorded here by
     standing in for load_model, so no GPU is needed), the reference ops on CPU."""
-    from storyllama.kernels._triton_utils import HAS_TRITON
-
     from storyllama import checkpoint
+    from storyllama.kernels._triton_utils import HAS_TRITON
     from storyllama.sample import load_for_sampling
 
     if not HAS_TRITON:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from storyllama.data_prep.builtin import write_stories
 from storyllama.data_prep.hf_tokenizer import HFEncoding, ranks_to_hf_tokenizer, sentencepiece_to_hf_tokenizer
 from storyllama.data_prep.tokenizer import (

@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 import torch
-from storyllama.data_prep.tokenizer import EOT, GPT2_PAT_STR, TOKENIZER_FILE, dump_ranks, file_sha256
 
 from storyllama import checkpoint
 from storyllama.config import ModelConfig
+from storyllama.data_prep.tokenizer import EOT, GPT2_PAT_STR, TOKENIZER_FILE, dump_ranks, file_sha256
 from storyllama.model import Llama
 
 N_VOCAB, EOT_ID = 257, 256

@@ -1,4 +1,4 @@
-"""Fused ops for the Llama: RMSNorm, RoPE, SwiGLU and linear + cross-entropy.
+"""The fused ops the Llama calls (RMSNorm, RoPE, SwiGLU, linear + cross-entropy) and the one choice between backends.
 
 Each op lives in its own file with its plain PyTorch reference. `get_ops(backend)` is the one place
 the model's choice between the Triton kernels and the reference is made.
@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
 from storyllama.kernels._triton_utils import HAS_TRITON
 from storyllama.kernels.cross_entropy import linear_cross_entropy_chunked, linear_cross_entropy_reference  # noqa: F401
 from storyllama.kernels.rmsnorm import rmsnorm_reference

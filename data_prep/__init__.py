@@ -1,1 +1,0 @@
-"""Text source -> tiktoken tokenizer -> uint16 token shards on disk. Imports neither model nor kernels."""
