@@ -24,14 +24,28 @@ from pathlib import Path
 
 import numpy as np
 
-from .tokenizer import byte_level_chars
-
 HF_TOKENIZER_FILE = "tokenizer.json"
 MAX_VOCAB = 65_536
 
 
 class HFTokenizerError(ValueError):
     """A tokenizer.json that cannot be loaded or used here; the message says which and why."""
+
+
+def byte_level_chars() -> dict[str, int]:
+    """The byte-level BPE alphabet: the printable character each byte is written as -> that byte.
+
+    Bytes that print as themselves (visible Latin-1 characters) keep their code point; the other 68
+    (controls, space, soft hyphen, ...) are given the code points 256, 257, ... in byte order.
+    """
+    visible = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    chars: dict[str, int] = {chr(b): b for b in visible}
+    extra = 256
+    for b in range(256):
+        if b not in visible:
+            chars[chr(extra)] = b
+            extra += 1
+    return chars
 
 
 def byte_level_encoder() -> dict[int, str]:

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import tiktoken
 
+from .hf_tokenizer import HF_TOKENIZER_FILE, HFTokenizerError, byte_level_chars, find_tokenizer_json, load_hf_encoding
+
 EOT = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.tiktoken"
 MAX_VOCAB = 65_536  # uint16 shards hold ids 0..65,535
@@ -165,22 +167,6 @@ def gpt2_ranks(tokenizer_file: str | Path | None = None) -> dict[bytes, int]:
     return ranks
 
 
-def byte_level_chars() -> dict[str, int]:
-    """The byte-level BPE alphabet: the printable character each byte is written as -> that byte.
-
-    Bytes that print as themselves (visible Latin-1 characters) keep their code point; the other 68
-    (controls, space, soft hyphen, ...) are given the code points 256, 257, ... in byte order.
-    """
-    visible = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
-    chars: dict[str, int] = {chr(b): b for b in visible}
-    extra = 256
-    for b in range(256):
-        if b not in visible:
-            chars[chr(extra)] = b
-            extra += 1
-    return chars
-
-
 def train_bpe(texts: Iterable[str], vocab_size: int) -> dict[bytes, int]:
     """Train a byte-level BPE with Hugging Face `tokenizers` and return tiktoken ranks (vocab_size - 1).
 
@@ -258,8 +244,6 @@ def load_encoding(data_dir: str | Path):
         raise TokenizerError(f"{path} does not match {meta_path} (sha256 differs): the tokenizer file belongs "
                              "to other data; restore the right file or prepare the data again")
     if info.get("kind") == "hf":
-        from .hf_tokenizer import HFTokenizerError, load_hf_encoding
-
         try:
             enc = load_hf_encoding(path, eot_id=eot, name=name)
         except HFTokenizerError as e:
@@ -287,8 +271,6 @@ def load_hf_spec(name: str):
     """`hf:PATH_OR_DIR` -> HFEncoding (a tokenizer.json, or a directory or run holding one); errors are
     TokenizerErrors, a vocabulary over 65,536 among them. Beside a meta.json of ours (a run, a checkpoint, a data
     directory) the end-of-text id is the one it records (e.g. BOS for an imported llama2.c model)."""
-    from .hf_tokenizer import HFTokenizerError, find_tokenizer_json, load_hf_encoding
-
     path = name[len(HF_PREFIX):]
     if not path:
         raise TokenizerError("--tokenizer hf: needs a path: hf:PATH_TO/tokenizer.json or hf:MODEL_OR_RUN_DIR")
@@ -310,8 +292,6 @@ def write_hf_tokenizer(enc, out_dir: str | Path, source: str | None = None) -> d
 
     The name is "hf" whatever path it came from, and the sha256 is of the file written, so data prepared
     with `hf:RUN_DIR` matches the run's own tokenizer (the trainer compares name and sha256)."""
-    from .hf_tokenizer import HF_TOKENIZER_FILE
-
     out_dir = Path(out_dir)
     path = out_dir / HF_TOKENIZER_FILE
     tmp = path.with_name(path.name + ".tmp")

@@ -13,10 +13,14 @@ from dataclasses import dataclass
 import torch
 
 from storyllama.kernels._triton_utils import HAS_TRITON
-from storyllama.kernels.cross_entropy import linear_cross_entropy_chunked, linear_cross_entropy_reference  # noqa: F401
-from storyllama.kernels.rmsnorm import rmsnorm_reference
-from storyllama.kernels.rope import rope_reference
-from storyllama.kernels.swiglu import swiglu_reference
+from storyllama.kernels.cross_entropy import (  # noqa: F401
+    linear_cross_entropy,
+    linear_cross_entropy_chunked,
+    linear_cross_entropy_reference,
+)
+from storyllama.kernels.rmsnorm import rmsnorm, rmsnorm_reference
+from storyllama.kernels.rope import rope, rope_reference
+from storyllama.kernels.swiglu import swiglu, swiglu_reference
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,10 @@ class KernelOps:
 # The reference backend's loss is the chunked torch-ops version (what `--fused_ce` uses on CPU);
 # `linear_cross_entropy_reference` stays the plain unfused math the tests compare against.
 REFERENCE = KernelOps("reference", rmsnorm_reference, rope_reference, swiglu_reference, linear_cross_entropy_chunked)
+# The Triton backend: the four ops as registered torch ops (`storyllama::*`). Each runs its Triton kernels on CUDA
+# tensors (and on CPU tensors under TRITON_INTERPRET=1) and its PyTorch reference elsewhere, saying once when it
+# falls back.
+TRITON = KernelOps("triton", rmsnorm, rope, swiglu, linear_cross_entropy)
 
 
 def resolve_backend(requested: str, device: torch.device | str) -> str:
@@ -77,7 +85,5 @@ def get_ops(backend: str) -> KernelOps:
     if backend == "reference":
         return REFERENCE
     if backend == "triton":
-        from storyllama.kernels.triton_ops import TRITON
-
         return TRITON
     raise ValueError(f"unknown kernel backend {backend!r}; expected 'triton' or 'reference'")

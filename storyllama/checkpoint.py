@@ -281,3 +281,18 @@ def load_optimizer(optimizer: torch.optim.Optimizer, ckpt: Path) -> None:
     except (RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as e:
         raise CheckpointError(f"cannot load the optimizer state {path}: {str(e).splitlines()[0]}; the file is "
                               "damaged or from another model, use an earlier checkpoint") from None
+
+
+def tokenizer_info(ckpt: Path) -> dict:
+    """The checkpoint's meta.json "tokenizer" entry; an error when it or its file is missing."""
+    try:
+        tok = json.loads((ckpt / "meta.json").read_text())["tokenizer"]
+        tok["eot_id"], tok["vocab_size"] = int(tok["eot_id"]), int(tok["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CheckpointError(f"checkpoint {ckpt} has no readable meta.json: the exported model would have no "
+                              "tokenizer; copy meta.json and its tokenizer file from the data directory the run was "
+                              "trained on") from None
+    if not (ckpt / tok.get("file", "tokenizer.tiktoken")).is_file():
+        raise CheckpointError(f"checkpoint {ckpt} has no {tok.get('file')} (its meta.json names it): the exported "
+                              "model would have no tokenizer; copy it from the data directory the run was trained on")
+    return tok

@@ -20,19 +20,16 @@ same --out while one runs (a lock on the temporary directory).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
 
 from safetensors.torch import save_file
 
-from storyllama.checkpoint import EMA_WEIGHTS, CheckpointError, load_model_config, read_weights, resolve, weights_file
+from storyllama.checkpoint import EMA_WEIGHTS, load_model_config, read_weights, resolve, tokenizer_info, weights_file
 from storyllama.config import ModelConfig, OneLineErrorParser
 from storyllama.hf import hf_config_dict, to_hf_state_dict
-from storyllama.locking import LOCK_NAME, DirLock
-
-MARKER = ".storyllama-export.json"
+from storyllama.staging import Staging, check_out, publish_dir
 
 _README = """\
 # {name}
@@ -66,112 +63,17 @@ def hf_config_json(cfg: ModelConfig, eot_id: int | None) -> dict:
     return conf
 
 
-def _tokenizer_info(ckpt: Path) -> dict:
-    """The checkpoint's meta.json "tokenizer" entry; an error when it or its file is missing."""
-    try:
-        tok = json.loads((ckpt / "meta.json").read_text())["tokenizer"]
-        tok["eot_id"], tok["vocab_size"] = int(tok["eot_id"]), int(tok["vocab_size"])
-    except (OSError, ValueError, KeyError, TypeError):
-        raise CheckpointError(f"checkpoint {ckpt} has no readable meta.json: the exported model would have no "
-                              "tokenizer; copy meta.json and its tokenizer file from the data directory the run was "
-                              "trained on") from None
-    if not (ckpt / tok.get("file", "tokenizer.tiktoken")).is_file():
-        raise CheckpointError(f"checkpoint {ckpt} has no {tok.get('file')} (its meta.json names it): the exported "
-                              "model would have no tokenizer; copy it from the data directory the run was trained on")
-    return tok
-
-
 def hf_tokenizer_for(ckpt: Path):
     """The checkpoint's tokenizer as a `tokenizers.Tokenizer` with the same ids (EOT a special token)."""
     from storyllama.data_prep.tokenizer import EOT, load_encoding, load_ranks
 
-    tok = _tokenizer_info(ckpt)
+    tok = tokenizer_info(ckpt)
     if tok.get("kind") == "hf":
         return load_encoding(ckpt).tokenizer
     from storyllama.data_prep.hf_tokenizer import ranks_to_hf_tokenizer
 
     ranks = load_ranks(ckpt / tok["file"])
     return ranks_to_hf_tokenizer(ranks, tok["pat_str"], {tok.get("special", EOT): tok["eot_id"]})
-
-
-def check_out(out: Path, kind: str = "directory") -> None:
-    """Refuse an --out that is not ours to replace: anything but nothing, an empty directory or an earlier export
-    whose marker lists every file in it."""
-    if not out.exists() and not out.is_symlink():
-        return
-    if kind == "file":
-        if out.is_dir() or not _is_our_gguf(out):
-            raise ValueError(f"--out {out} exists and is not a GGUF file an earlier export wrote; choose a new path "
-                             "(nothing was changed)")
-        return
-    if not out.is_dir() or out.is_symlink():
-        raise ValueError(f"--out {out} exists and is not a directory; choose a new path (nothing was changed)")
-    names = {p.name for p in out.iterdir()}
-    if not names:
-        return
-    if (out / "checkpoints").exists() or (out / "trainer_state.json").exists():
-        raise ValueError(f"--out {out} is a run or checkpoint directory; an export never replaces one: choose a new "
-                         "path (nothing was changed)")
-    try:
-        ours = set(json.loads((out / MARKER).read_text())["files"]) | {MARKER}
-    except (OSError, ValueError, KeyError, TypeError):
-        ours = None
-    if ours is None:
-        raise ValueError(f"--out {out} exists and was not written by bin/export (no {MARKER}); choose a new path "
-                         "(nothing was changed)")
-    foreign = sorted(names - ours)
-    if foreign:
-        raise ValueError(f"--out {out} is an earlier export but also holds files it did not write "
-                         f"({', '.join(foreign[:3])}); move them or choose a new path (nothing was changed)")
-
-
-def _is_our_gguf(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            if f.read(4) != b"GGUF":
-                return False
-        from gguf import GGUFReader
-
-        return "storyllama.exported_from" in GGUFReader(str(path)).fields
-    except Exception:  # unreadable, not GGUF, or gguf missing: not provably ours
-        return False
-
-
-class _Staging:
-    """The temporary sibling `.NAME.<tool>-tmp` of --out, locked while one writer (export, import) fills it."""
-
-    def __init__(self, out: Path, tool: str = "export"):
-        self.out = out
-        self.tmp = out.with_name(f".{out.name}.{tool}-tmp")
-        self.lock = DirLock(self.tmp, f"bin/{tool}")
-
-    def __enter__(self) -> Path:
-        self.lock.acquire()  # LockedError (a ValueError) names the other export
-        for p in self.tmp.iterdir():  # left by an export that was killed: never an output
-            if p.name != LOCK_NAME:
-                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-        return self.tmp
-
-    def __exit__(self, *exc) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.lock.release()
-
-
-def _publish_dir(tmp: Path, out: Path, files: list[str]) -> None:
-    """Move the finished files into place: `out` holds either the old export or the new one, whole."""
-    (tmp / MARKER).write_text(json.dumps({"tool": "storyllama export", "files": sorted(files)}, indent=2) + "\n")
-    final = tmp.with_name(tmp.name + ".done")
-    shutil.rmtree(final, ignore_errors=True)
-    final.mkdir()
-    for name in [*files, MARKER]:
-        os.replace(tmp / name, final / name)
-    check_out(out)  # again, now that the files are written: nothing changed underneath us
-    old = out.with_name(f".{out.name}.export-old")
-    if out.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-    final.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def export(path: str | Path, out: str | Path, format: str = "hf", weights: str = "auto") -> Path:
@@ -191,7 +93,7 @@ def export(path: str | Path, out: str | Path, format: str = "hf", weights: str =
     cfg = load_model_config(ckpt)
     out = Path(out)
     check_out(out)
-    tok = _tokenizer_info(ckpt)
+    tok = tokenizer_info(ckpt)
     state = read_weights(ckpt, weights)  # checked against the checkpoint's checksums
     hf_state = to_hf_state_dict(state, cfg)
     if cfg.tie_embeddings:
@@ -202,7 +104,7 @@ def export(path: str | Path, out: str | Path, format: str = "hf", weights: str =
     eot_text = hf_tok.id_to_token(eot_id)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    with _Staging(out) as tmp:
+    with Staging(out) as tmp:
         save_file({k: v.contiguous() for k, v in hf_state.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config_json(cfg, eot_id), indent=2) + "\n")
@@ -226,7 +128,7 @@ def export(path: str | Path, out: str | Path, format: str = "hf", weights: str =
             name=out.name, params=cfg.num_params(), dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
             n_kv_heads=cfg.n_kv_heads, block_size=cfg.block_size, ckpt=ckpt, eot=eot_id, eot_text=eot_text,
             vocab_size=cfg.vocab_size, n_vocab=n_vocab, out=out, tok_name=tok.get("name")))
-        _publish_dir(tmp, out, sorted(set(files)))
+        publish_dir(tmp, out, sorted(set(files)))
     return out
 
 

@@ -28,8 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from storyllama.checkpoint import CheckpointError, load_model_config, read_weights, resolve
+from storyllama.checkpoint import CheckpointError, load_model_config, read_weights, resolve, tokenizer_info
 from storyllama.config import ModelConfig
+from storyllama.staging import Staging, check_out
 
 # our name -> llama.cpp's, per layer
 _LAYER = {
@@ -160,18 +161,16 @@ def export_gguf(path: str | Path, out: str | Path, weights: str = "auto") -> Pat
     returns `out`."""
     import gguf
 
-    from storyllama.export import _Staging, _tokenizer_info, check_out
-
     ckpt = resolve(path)
     cfg = load_model_config(ckpt)
     out = Path(out)
     check_out(out, kind="file")
-    tok = _tokenizer_info(ckpt)
+    tok = tokenizer_info(ckpt)
     vocab = gguf_vocab(ckpt, tok, cfg)
     state = read_weights(ckpt, weights)  # checked against the checkpoint's checksums
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    with _Staging(out) as tmp:
+    with Staging(out) as tmp:
         w = gguf.GGUFWriter(str(tmp / out.name), "llama")
         w.add_name(out.stem)
         w.add_string("storyllama.exported_from", str(ckpt))  # marks the file as ours (a re-export may replace it)

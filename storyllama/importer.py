@@ -329,12 +329,12 @@ def write_run(out: Path, cfg: ModelConfig, state: dict[str, torch.Tensor], enc, 
 
     from storyllama import checkpoint
     from storyllama.data_prep.tokenizer import write_hf_tokenizer
-    from storyllama.export import _Staging
     from storyllama.model import Llama
+    from storyllama.staging import Staging
 
     check_out(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with _Staging(out, tool="import") as tmp:
+    with Staging(out, tool="import") as tmp:
         run = tmp / "run"
         ckpt = run / "checkpoints" / "step_000000"
         ckpt.mkdir(parents=True)

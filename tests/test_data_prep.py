@@ -206,7 +206,7 @@ def test_bpe_ranks_tokenize_like_the_trainer(stories):
     """The conversion to tiktoken ranks keeps the Hugging Face tokenizer's own segmentation."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 
-    from storyllama.data_prep.tokenizer import byte_level_chars
+    from storyllama.data_prep.hf_tokenizer import byte_level_chars
 
     train, held_out = stories[:300], stories[300:]
     hf = Tokenizer(models.BPE())

@@ -223,11 +223,11 @@ def test_reexport_replaces_an_earlier_export_but_not_files_added_to_it(tmp_path,
 
 
 def test_a_second_export_to_the_same_out_is_refused_while_one_runs(tmp_path, capsys):
-    from storyllama.export import _Staging
+    from storyllama.staging import Staging
 
     run, _ = save_checkpoint(tmp_path, tiny_model())
     out = tmp_path / "hf"
-    with _Staging(out):  # an export in progress: it holds the lock on the staging directory
+    with Staging(out):  # an export in progress: it holds the lock on the staging directory
         res = subprocess.run([sys.executable, str(REPO / "bin" / "export"), "--run", str(run), "--out", str(out)],
                              capture_output=True, text=True, timeout=120)
         assert res.returncode == 2 and "is in use by another bin/export" in res.stderr, res.stderr

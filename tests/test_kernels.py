@@ -26,7 +26,7 @@ import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import storyllama.kernels.cross_entropy as ce  # noqa: E402
-from storyllama import kernels  # noqa: E402
+from storyllama.kernels import ops as kernels  # noqa: E402
 from storyllama.kernels._triton_utils import HAS_TRITON, interpreted  # noqa: E402
 from storyllama.kernels.cross_entropy import (  # noqa: E402
     linear_cross_entropy,

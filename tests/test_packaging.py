@@ -164,3 +164,39 @@ def test_a_wheel_holds_the_files_under_storyllama_only(tmp_path):
     assert "kernels" not in tops and "data_prep" not in tops, sorted(tops)
     assert "storyllama/kernels/ops.py" in names and "storyllama/data_prep/prepare.py" in names
     assert "storyllama/kernels/rmsnorm.py" in names and "storyllama/data_prep/tokenizer.py" in names
+
+
+def _module_imports() -> dict[str, set[str]]:
+    """Our modules -> the modules of ours each imports (at the top or inside a function), read with ast."""
+    import ast
+
+    mods: dict[str, set[str]] = {}
+    for folder, pkg in (("storyllama", "storyllama"), ("kernels", "storyllama.kernels"),
+                        ("data_prep", "storyllama.data_prep")):
+        for f in sorted((ROOT / folder).glob("*.py")):
+            deps = set()
+            for node in ast.walk(ast.parse(f.read_text())):
+                if isinstance(node, ast.ImportFrom):
+                    mod = f"{pkg}.{node.module}" if node.level else node.module or ""
+                    deps |= {mod, *(f"{mod}.{a.name}" for a in node.names)}
+                elif isinstance(node, ast.Import):
+                    deps |= {a.name for a in node.names}
+            mods[f"{pkg}.{f.stem}"] = deps
+    return {m: {d for d in deps if d in mods and d != m} for m, deps in mods.items()}
+
+
+def test_no_import_circles_among_our_modules():
+    """Shared pieces live in the module both sides use (tokenizer <-> hf_tokenizer, export <-> gguf_export and
+    kernels.ops <-> the Triton backend were circles once)."""
+    graph = _module_imports()
+    assert "storyllama.data_prep.hf_tokenizer" in graph["storyllama.data_prep.tokenizer"]  # the reader sees edges
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        for nxt in graph[start] - seen:
+            seen.add(nxt)
+            if nxt == goal or reaches(nxt, goal, seen):
+                return True
+        return False
+
+    circles = sorted(m for m in graph if reaches(m, m, set()))
+    assert not circles, circles
