@@ -4,12 +4,14 @@ export whose marker lists every file in it)."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
-from storyllama.locking import LOCK_NAME, DirLock
+from storyllama.locking import DirLock, LockedError
 
 MARKER = ".storyllama-export.json"
 
@@ -57,38 +59,69 @@ def _is_our_gguf(path: Path) -> bool:
         return False
 
 
+STAGING_MARKER = ".storyllama-staging.json"  # inside every staging directory: proof that a writer of ours made it
+
+
 class Staging:
-    """The temporary sibling `.NAME.<tool>-tmp` of --out, locked while one writer (export, import) fills it."""
+    """A fresh temporary sibling of --out, `.NAME.<tool>-XXXXXXXX` (a unique name made here, with our marker in it),
+    locked while one writer (export, import) fills it, and removed on exit with everything in it.
+
+    Nothing of the user's is ever removed: a sibling is cleaned up only when its name has that pattern, it holds
+    our marker and no live writer holds its lock (debris of a killed writer); one that is locked means another
+    writer fills --out now, and this one is refused."""
 
     def __init__(self, out: Path, tool: str = "export"):
-        self.out = out
-        self.tmp = out.with_name(f".{out.name}.{tool}-tmp")
-        self.lock = DirLock(self.tmp, f"bin/{tool}")
+        self.out, self.tool = out, tool
+        self.prefix = f".{out.name}.{tool}-"
+        self.tmp: Path | None = None
+        self.lock: DirLock | None = None
 
     def __enter__(self) -> Path:
-        self.lock.acquire()  # LockedError (a ValueError) names the other export
-        for p in self.tmp.iterdir():  # left by an export that was killed: never an output
-            if p.name != LOCK_NAME:
-                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=self.prefix, dir=self.out.parent))
+        self.lock = DirLock(self.tmp, f"bin/{self.tool}")
+        try:
+            self.lock.acquire()
+            # the marker after the lock: a sibling with our marker and no lock is always a dead writer's
+            (self.tmp / STAGING_MARKER).write_text(json.dumps({"tool": f"bin/{self.tool}", "out": self.out.name,
+                                                               "pid": os.getpid()}) + "\n")
+            self._clean_siblings()
+        except BaseException:
+            self.__exit__()
+            raise
         return self.tmp
 
+    def _clean_siblings(self) -> None:
+        for other in self.out.parent.glob(glob.escape(self.prefix) + "*"):
+            if other == self.tmp or not other.is_dir() or other.is_symlink() or not (other / STAGING_MARKER).is_file():
+                continue  # not a staging directory of ours: never touched
+            probe = DirLock(other, f"bin/{self.tool}")
+            try:
+                probe.acquire()  # LockedError (a ValueError) names the writer at work there
+            except LockedError:
+                raise LockedError(f"--out {self.out} is in use by another bin/{self.tool} (its staging directory "
+                                  f"{other.name} is locked); wait for it to finish") from None
+            try:
+                shutil.rmtree(other)  # a killed writer's: ours (marker, name) and abandoned (unlocked)
+            finally:
+                probe.release()
+
     def __exit__(self, *exc) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.lock.release()
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.lock is not None:
+            self.lock.release()
 
 
 def publish_dir(tmp: Path, out: Path, files: list[str]) -> None:
-    """Move the finished files into place: `out` holds either the old export or the new one, whole."""
-    (tmp / MARKER).write_text(json.dumps({"tool": "storyllama export", "files": sorted(files)}, indent=2) + "\n")
-    final = tmp.with_name(tmp.name + ".done")
-    shutil.rmtree(final, ignore_errors=True)
+    """Move the finished files from the staging directory `tmp` into place: `out` holds either the old export or
+    the new one, whole. Every intermediate name is inside `tmp` (ours), none beside --out."""
+    final = tmp / ".publish"
     final.mkdir()
-    for name in [*files, MARKER]:
+    (final / MARKER).write_text(json.dumps({"tool": "storyllama export", "files": sorted(files)}, indent=2) + "\n")
+    for name in files:
         os.replace(tmp / name, final / name)
     check_out(out)  # again, now that the files are written: nothing changed underneath us
-    old = out.with_name(f".{out.name}.export-old")
     if out.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
+        out.rename(tmp / ".replaced")  # an empty directory or an earlier export (checked just above)
     final.rename(out)
-    shutil.rmtree(old, ignore_errors=True)

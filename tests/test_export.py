@@ -353,3 +353,40 @@ def test_gguf_over_a_file_it_did_not_write_is_refused(tmp_path, capsys):
     out = tmp_path / "story.gguf"
     assert main(["--run", str(run), "--out", str(out), "--format", "gguf"]) == 0
     assert main(["--run", str(run), "--out", str(out), "--format", "gguf"]) == 0  # an earlier export: replaced
+
+
+@pytest.mark.parametrize("tool", ["export", "import"])
+def test_writers_remove_only_staging_directories_they_can_prove_they_made(tmp_path, tool):
+    """Folders beside --out with the names the writers once used (`.NAME.export-tmp`, `.NAME.export-old`,
+    `.NAME.import-tmp`) are the user's: untouched. A staging directory of ours left by a killed writer (its
+    marker, no live lock) is cleaned up; one a live writer holds makes the second writer refuse."""
+    from storyllama.staging import STAGING_MARKER, Staging
+
+    run, ckpt = save_checkpoint(tmp_path, tiny_model())
+    out = tmp_path / "out"
+    users = []
+    for name in (f".out.{tool}-tmp", f".out.{tool}-old", ".out.export-tmp.done", f".out.{tool}-mine"):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "notes.txt").write_text("mine")
+        users.append(d)
+    debris = tmp_path / f".out.{tool}-k1ll3d00"
+    debris.mkdir()
+    (debris / STAGING_MARKER).write_text("{}")
+    (debris / "model.safetensors").write_bytes(b"half")
+    if tool == "export":
+        export(ckpt, out)
+    else:
+        from storyllama.importer import main as import_main
+
+        hf = tmp_path / "hf"
+        export(ckpt, hf)
+        assert import_main([str(hf), "--out", str(out)]) == 0
+    assert all((d / "notes.txt").read_text() == "mine" for d in users)
+    assert not debris.exists()
+    leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out."))
+    assert leftovers == sorted(d.name for d in users)  # the writer left nothing of its own beside --out
+    with Staging(tmp_path / "again", tool=tool):
+        with pytest.raises(ValueError, match=f"in use by another bin/{tool}"):
+            with Staging(tmp_path / "again", tool=tool):
+                pass
