@@ -147,21 +147,63 @@ def write_checksums(ckpt: Path) -> None:
     (ckpt / CHECKSUMS).write_text(json.dumps(sums, indent=2) + "\n")
 
 
+# Checkpoints without checksums.json (or with a file it does not list) are refused unless the user says to trust
+# them: `--trust_unverified` on every tool that reads checkpoints sets this (storyllama.config.add_trust_flag).
+_TRUST_UNVERIFIED = False
+
+
+TRUST_HELP = ("use checkpoints that have no checksums.json (made by hand or by an older version): a damaged file "
+              "then loads unseen (default: refused)")
+
+
+def add_trust_flag(parser) -> None:
+    """--trust_unverified, for the tools that read checkpoints (they call trust_unverified(ns.trust_unverified))."""
+    parser.add_argument("--trust_unverified", action="store_true", help=TRUST_HELP)
+
+
+def trust_unverified(on: bool = True) -> None:
+    global _TRUST_UNVERIFIED
+    _TRUST_UNVERIFIED = bool(on)
+
+
 def verify(ckpt: Path, fname: str) -> Path:
-    """The path of `fname` in `ckpt` after checking it against checksums.json (when the checkpoint has one)."""
+    """The path of `fname` in `ckpt` after checking it against checksums.json. A checkpoint without checksums, or
+    a file they do not list, is refused unless trust_unverified() was called (`--trust_unverified`)."""
     path = ckpt / fname
     if not path.is_file():
         raise CheckpointError(f"checkpoint {ckpt} is incomplete: {fname} is missing")
     try:
-        expected = json.loads((ckpt / CHECKSUMS).read_text()).get(fname)
+        sums = json.loads((ckpt / CHECKSUMS).read_text())
+        expected = sums.get(fname) if isinstance(sums, dict) else None
+        if not isinstance(sums, dict):
+            raise ValueError
     except FileNotFoundError:
-        return path  # written before checksums existed
-    except ValueError:
-        raise CheckpointError(f"{ckpt / CHECKSUMS} is damaged (not JSON); use an earlier checkpoint") from None
-    if expected is not None and file_sha256(path) != expected:
+        expected = None
+    except (ValueError, OSError, RecursionError):
+        raise CheckpointError(f"{ckpt / CHECKSUMS} is damaged (not a JSON object); use an earlier checkpoint") from None
+    if expected is None:
+        if _TRUST_UNVERIFIED:
+            return path
+        raise CheckpointError(f"{path} cannot be verified: {ckpt / CHECKSUMS} is missing or does not list it, so a "
+                              "damaged file would load unseen; pass --trust_unverified to use it anyway, or use a "
+                              "checkpoint that has its checksums")
+    if file_sha256(path) != expected:
         raise CheckpointError(f"{path} is damaged: its sha256 differs from the one recorded when it was saved; "
                               "use an earlier checkpoint")
     return path
+
+
+def verifies(ckpt: Path) -> bool:
+    """Whether `ckpt` is a complete checkpoint whose every file matches its checksums.json."""
+    try:
+        for fname in (WEIGHTS, MODEL_CONFIG):
+            verify(ckpt, fname)
+        sums = json.loads((ckpt / CHECKSUMS).read_text()) if (ckpt / CHECKSUMS).is_file() else {}
+        for fname in sums:
+            verify(ckpt, fname)
+    except (CheckpointError, OSError, ValueError, AttributeError):
+        return False
+    return True
 
 
 def _write_failure_message(final: Path, e: OSError, ckpt_root: Path) -> str:
@@ -185,24 +227,58 @@ def _prune(ckpt_root: Path, keep_last: int) -> None:
 
 
 def _read_pointer(path: Path) -> str | None:
+    """The checkpoint a pointer file (`latest`, `best`) names, or None: a pointer is only ever a checkpoint name of
+    its own run (`step_NNNNNN`), never a path, so one that names anything else (`../other`, `/abs`) is ignored."""
     try:
-        return path.read_text().strip() or None
-    except FileNotFoundError:
+        name = path.read_text(errors="replace").strip()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return None
+    except OSError as e:
+        log.warning("%s cannot be read (%s); ignored", path, e.strerror or e)
+        return None
+    if not name:
+        return None
+    if step_of(name) is None:
+        log.warning("%s does not name a checkpoint of this run (it must be a step_NNNNNN name); ignored", path)
+        return None
+    return name
+
+
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """The checkpoint directories under a run's checkpoints/, newest (by step, then re-save) first."""
+    if not root.is_dir():
+        return []
+    found = [(step_of(p.name), p) for p in root.iterdir() if step_of(p.name) and p.is_dir() and not p.is_symlink()]
+    return [p for _, p in sorted(found, key=lambda t: t[0], reverse=True)]
+
+
+def has_checkpoints(run_dir: Path) -> bool:
+    """Whether a run directory holds any checkpoint directory (complete or not) or a `latest` pointer."""
+    root = Path(run_dir) / "checkpoints"
+    return (root / "latest").exists() or bool(checkpoint_dirs(root))
 
 
 def resolve(path: str | Path, which: str = "latest") -> Path:
-    """A run directory -> its `latest` (or `best`) checkpoint; a checkpoint directory -> itself."""
+    """A run directory -> its `latest` (or `best`) checkpoint; a checkpoint directory -> itself.
+
+    The pointer is resolved inside the run only. When it is missing, unusable or names an incomplete checkpoint,
+    the newest checkpoint that verifies (every file against its checksums) is taken, and the log says so."""
     path = Path(path)
     if (path / WEIGHTS).is_file():
         ckpt = path
     else:
         root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
         name = _read_pointer(root / which)
-        if name is None:
-            raise CheckpointError(f"no complete checkpoint in {path}: expected {root / which} naming one "
-                                  "(train first, or pass a checkpoint directory with --checkpoint)")
-        ckpt = root / name
+        ckpt = root / name if name is not None else None
+        if ckpt is None or not all((ckpt / f).is_file() for f in (WEIGHTS, MODEL_CONFIG)):
+            fallback = next((c for c in checkpoint_dirs(root) if verifies(c)), None)
+            if fallback is None:
+                raise CheckpointError(f"no complete checkpoint in {path}: expected {root / which} naming one "
+                                      "(train first, or pass a checkpoint directory with --checkpoint)")
+            log.warning("%s %s; using %s, the newest checkpoint that verifies", root / which,
+                        "is missing or unusable" if ckpt is None else f"names {name}, which is incomplete",
+                        fallback.name)
+            ckpt = fallback
     for fname in (WEIGHTS, MODEL_CONFIG):
         if not (ckpt / fname).is_file():
             raise CheckpointError(f"checkpoint {ckpt} is incomplete: {fname} is missing")

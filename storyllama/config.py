@@ -155,6 +155,7 @@ class TrainConfig:
     resume: str | None = None  # "auto" or a checkpoint directory
     init_from: str | None = None  # fine-tune: start from this run's (or checkpoint's) weights, fresh optimizer, step 0
     eval_only: bool = False  # evaluate the --resume checkpoint on the whole validation split, then exit
+    trust_unverified: bool = False  # resume / fine-tune from a checkpoint that has no checksums.json
     max_time: float | None = None  # stop (with a checkpoint) after this many seconds of training
     max_bad_steps: int = 5  # non-finite losses in a row before the run stops
     # hardware and speed

@@ -85,16 +85,67 @@ def load_meta(data_dir: str | Path) -> dict:
         raise DataError(f"{data_dir} has no meta.json: it is not prepared, or its preparation did not finish; "
                         f"run bin/prepare_data --out {data_dir} ...")
     try:
-        meta = json.loads(path.read_text())
-    except ValueError as e:
-        raise DataError(f"{path} is not valid JSON ({e}); run bin/prepare_data again for {data_dir}") from None
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise DataError(f"{path} is not valid JSON ({str(e)[:120]}); run bin/prepare_data again for "
+                        f"{data_dir}") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path} is not a JSON object; run bin/prepare_data again for {data_dir}")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise DataError(f"{path} has format_version {meta.get('format_version')}; this StoryLlama reads "
+        raise DataError(f"{path} has format_version {str(meta.get('format_version'))[:40]}; this StoryLlama reads "
                         f"{FORMAT_VERSION}: prepare the data again")
     for key in ("tokenizer", "splits"):
         if key not in meta:
             raise DataError(f"{path} has no {key!r} entry; prepare the data again")
+    problem = _meta_problem(meta)
+    if problem:
+        raise DataError(f"{path}: {problem}; prepare the data again (bin/prepare_data --out {data_dir} ...)")
     return meta
+
+
+def _count(v, low: int = 0, high: int = 1 << 62) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+
+
+def _plain_name(v) -> bool:
+    """A file name inside the data directory: no separators, no '..' (meta.json never points outside it)."""
+    return isinstance(v, str) and v not in ("", ".", "..") and "/" not in v and "\\" not in v and "\0" not in v
+
+
+def _meta_problem(meta: dict) -> str | None:
+    """What is wrong with a meta.json's fields (types and ranges the readers rely on), or None. Checked when the
+    data is opened, so a bad field stops a run before its first step, not at its first evaluation."""
+    tok = meta["tokenizer"]
+    if not isinstance(tok, dict):
+        return "'tokenizer' is not an object"
+    if not _count(tok.get("vocab_size"), 2, 1 << 32):
+        return f"tokenizer.vocab_size must be an integer from 2 to {1 << 32:,}, got {str(tok.get('vocab_size'))[:40]}"
+    if not _count(tok.get("eot_id"), 0, tok["vocab_size"] - 1):
+        return f"tokenizer.eot_id must be an integer below vocab_size {tok['vocab_size']:,}, got " \
+               f"{str(tok.get('eot_id'))[:40]}"
+    if "file" in tok and not _plain_name(tok["file"]):
+        return "tokenizer.file must be a file name in the data directory"
+    splits = meta["splits"]
+    if not isinstance(splits, dict) or not splits:
+        return "'splits' is not an object of splits"
+    for name, info in splits.items():
+        if not isinstance(info, dict):
+            return f"splits.{str(name)[:20]} is not an object"
+        for key in ("tokens", "bytes"):
+            if not _count(info.get(key)):
+                return f"splits.{name}.{key} must be a non-negative integer, got {str(info.get(key))[:40]}"
+        if "target_tokens" in info and not _count(info["target_tokens"], 0, info["tokens"]):
+            return f"splits.{name}.target_tokens must be an integer from 0 to its tokens ({info['tokens']:,})"
+        if info["tokens"] and not info["bytes"]:
+            return f"splits.{name}.bytes is 0 for {info['tokens']:,} tokens (bits per byte would divide by it)"
+        shards = info.get("shards")
+        if not isinstance(shards, list) or not all(_plain_name(s) for s in shards):
+            return f"splits.{name}.shards must be a list of file names in the data directory"
+        counts = info.get("shard_token_counts")
+        if counts is not None and (not isinstance(counts, list) or len(counts) != len(shards)
+                                   or not all(_count(c) for c in counts)):
+            return f"splits.{name}.shard_token_counts must be one non-negative integer per shard"
+    return None
 
 
 def bytes_per_token(meta: dict, split: str = "val") -> float:

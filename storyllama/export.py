@@ -26,7 +26,16 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from storyllama.checkpoint import EMA_WEIGHTS, load_model_config, read_weights, resolve, tokenizer_info, weights_file
+from storyllama.checkpoint import (
+    EMA_WEIGHTS,
+    add_trust_flag,
+    load_model_config,
+    read_weights,
+    resolve,
+    tokenizer_info,
+    trust_unverified,
+    weights_file,
+)
 from storyllama.config import ModelConfig, OneLineErrorParser
 from storyllama.hf import hf_config_dict, to_hf_state_dict
 from storyllama.staging import Staging, check_out, publish_dir
@@ -156,7 +165,9 @@ def main(argv: list[str] | None = None, prog: str = "export") -> int:
     p.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
                    help="ema: the averaged weights of a run trained with --ema_decay; raw: the trained ones; auto "
                    "(default): ema when the checkpoint has them")
+    add_trust_flag(p)
     ns = p.parse_args(argv)
+    trust_unverified(ns.trust_unverified)
     try:
         src = resolve(ns.run or ns.checkpoint)
         if weights_file(src, ns.weights) == EMA_WEIGHTS:

@@ -194,6 +194,7 @@ def table(rows: list[tuple[str, Score]]) -> str:
 def main(argv: list[str] | None = None, prog: str = "instruct_score") -> int:
     import torch
 
+    from storyllama.checkpoint import add_trust_flag, trust_unverified
     from storyllama.config import OneLineErrorParser
     from storyllama.sample import load_for_sampling
 
@@ -205,7 +206,9 @@ def main(argv: list[str] | None = None, prog: str = "instruct_score") -> int:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--max_new_tokens", type=int, default=220)
     p.add_argument("--show", type=int, default=1, help="print this many stories of each model")
+    add_trust_flag(p)
     a = p.parse_args(argv)
+    trust_unverified(a.trust_unverified)
     requests = held_out_requests(a.requests, a.seed)
     rows = []
     for run in a.run:

@@ -6,6 +6,7 @@ Only rank 0 makes a `Metrics`; the other ranks log nothing.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -13,6 +14,8 @@ from pathlib import Path
 import torch
 
 from storyllama.config import ModelConfig, TrainConfig
+
+log = logging.getLogger(__name__)
 
 # Dense bf16 peak FLOP/s by GPU name (spec sheets), for MFU; STORYLLAMA_PEAK_TFLOPS overrides.
 PEAK_BF16_FLOPS = {"H200": 989.4e12, "H100": 989.4e12, "H800": 989.4e12, "GH200": 989.4e12, "A100": 312e12,
@@ -35,6 +38,7 @@ class Metrics:
     def __init__(self, run_dir: Path, cfg: TrainConfig, mcfg: ModelConfig):
         self.run_dir = run_dir
         self.path = run_dir / "metrics.jsonl"
+        end_on_a_new_line(self.path)
         self.wandb_run = init_wandb(cfg, mcfg, run_dir) if cfg.wandb else None
 
     def train(self, rec: dict) -> None:
@@ -58,6 +62,51 @@ class Metrics:
     def _append(self, rec: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
+
+
+def end_on_a_new_line(path: Path) -> None:
+    """Before appending: a file whose last record was torn (a kill or a full disk mid-append) gets its newline, so
+    the next record starts on a line of its own and the torn one stays a single skippable line."""
+    try:
+        with open(path, "rb+") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() == 0:
+                return
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                log.warning("%s ends in a torn record (from a killed or interrupted run); it is skipped, and new "
+                            "records start on the next line", path)
+                f.write(b"\n")
+    except FileNotFoundError:
+        return
+
+
+def read_records(path: Path, start: int = 0, warn: bool = True) -> tuple[list[dict], int]:
+    """The records of a JSONL file (metrics.jsonl) from byte `start` on, and the offset after its last complete
+    line, so a reader that calls again reads only what was appended. A line that is not a JSON object (torn by a
+    kill, or damaged) is skipped with a warning naming the file and line; an unfinished last line (no newline
+    yet) is left for the next call."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            data = f.read()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return [], start
+    end = data.rfind(b"\n") + 1  # complete lines only
+    out = []
+    for i, line in enumerate(data[:end].splitlines()):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except (ValueError, RecursionError):
+            rec = None
+        if isinstance(rec, dict):
+            out.append(rec)
+        elif warn:
+            where = f"line {i + 1}" if start == 0 else f"a line after byte {start}"
+            log.warning("%s: %s is not a JSON record (torn or damaged); skipped", path, where)
+    return out, start + end
 
 
 def check_wandb_login() -> None:
@@ -101,8 +150,7 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
     import matplotlib.pyplot as plt
 
     train, val = [], []
-    for line in metrics_path.read_text().splitlines():
-        r = json.loads(line)
+    for r in read_records(metrics_path, warn=False)[0]:  # the trainer warned once, at its start
         if "loss" in r:
             train.append((r["step"], r["loss"]))
         if "val_loss" in r:

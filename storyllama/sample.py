@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
+from storyllama.checkpoint import add_trust_flag
 from storyllama.config import OneLineErrorParser, SampleConfig, add_dataclass_args, given
 from storyllama.cpu_decode import lm_head_logits, prepare_for_decoding
 from storyllama.devices import resolve_device, resolve_dtype
@@ -597,6 +598,7 @@ def build_parser(prog: str = "sample") -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
                    help="ema: the averaged weights of a run trained with --ema_decay; raw: the trained ones; auto "
                    "(default): ema when the checkpoint has them")
+    add_trust_flag(p)
     add_dataclass_args(p, SampleConfig, prefix_help="sampling")
     req = p.add_argument_group("story request (a model tuned on requests: bin/prepare_data --instruct; the prompt is "
                                "the request, and --prompt, if given, the story's first words)")
@@ -622,10 +624,11 @@ def load_for_sampling(path: str, device: torch.device, dtype: torch.dtype, weigh
 
 
 def main(argv: list[str] | None = None, prog: str = "sample") -> int:
-    from storyllama.checkpoint import EMA_WEIGHTS, CheckpointError, weights_file
+    from storyllama.checkpoint import EMA_WEIGHTS, CheckpointError, trust_unverified, weights_file
     from storyllama.data_prep.tokenizer import TokenizerError
 
     ns = build_parser(prog).parse_args(argv)
+    trust_unverified(ns.trust_unverified)
     try:
         cfg = SampleConfig(**given(ns, SampleConfig))
         dtype = resolve_dtype(cfg.dtype)

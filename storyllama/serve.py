@@ -26,7 +26,6 @@ The same actions through Gradio's API (gradio_client), see README "Story studio"
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -315,18 +314,41 @@ def _run_dir(path: str) -> Path:
     return p
 
 
+# The dashboard reads metrics.jsonl incrementally: each refresh reads only the bytes appended since the last one,
+# keeps at most MAX_RECORDS records per run, and a first look at a large file reads only its last MAX_FIRST_READ bytes.
+MAX_RECORDS = 50_000
+MAX_FIRST_READ = 32 << 20
+_metrics_cache: dict[Path, tuple[int, int, list[dict]]] = {}  # path -> (inode, offset, records)
+_metrics_lock = threading.Lock()
+
+
 def read_metrics(run: Path) -> list[dict]:
-    """The records of run/metrics.jsonl; a line being written (no newline yet, or cut) is skipped."""
+    """The records of run/metrics.jsonl (the latest MAX_RECORDS); torn or unfinished lines are skipped."""
+    from storyllama.metrics import read_records
+
     path = run / "metrics.jsonl"
-    if not path.is_file():
+    try:
+        st = path.stat()
+    except OSError:
         return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out
+    with _metrics_lock:
+        inode, offset, records = _metrics_cache.get(path, (st.st_ino, 0, []))
+        if inode != st.st_ino or st.st_size < offset:  # replaced or rewritten: start again
+            offset, records = 0, []
+        if offset == 0 and st.st_size > MAX_FIRST_READ:
+            offset = _line_start_after(path, st.st_size - MAX_FIRST_READ)
+        new, offset = read_records(path, offset, warn=False)
+        records = (records + new)[-MAX_RECORDS:]
+        _metrics_cache[path] = (st.st_ino, offset, records)
+        return records
+
+
+def _line_start_after(path: Path, pos: int) -> int:
+    """The offset of the first line that starts at or after byte `pos`."""
+    with open(path, "rb") as f:
+        f.seek(max(pos - 1, 0))
+        f.readline()
+        return f.tell()
 
 
 def watch(path: str):
@@ -456,6 +478,7 @@ def build_app(store: ModelStore, runs: list[str], watch_every: float = 5.0):
 
 
 def main(argv: list[str] | None = None, prog: str = "serve") -> int:
+    from storyllama.checkpoint import add_trust_flag, trust_unverified
     from storyllama.config import OneLineErrorParser
 
     p = OneLineErrorParser(prog=prog, description="The Story studio: write stories and watch runs in a web page.")
@@ -469,7 +492,9 @@ def main(argv: list[str] | None = None, prog: str = "serve") -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--max_models", type=int, default=2, help="models kept in memory (most recently used)")
+    add_trust_flag(p)
     a = p.parse_args(argv)
+    trust_unverified(a.trust_unverified)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     store = ModelStore(a.device, a.dtype, a.max_models)
     runs = a.run or [DEFAULT_RUN]

@@ -69,7 +69,7 @@ from storyllama.optim import Ema, MuonAdamW, build_optimizer
 log = logging.getLogger("storyllama")
 
 # Settings that belong to this invocation, not to the run: a resumed run never takes them from its checkpoint.
-_PER_INVOCATION = ("out", "resume", "eval_only", "device")
+_PER_INVOCATION = ("out", "resume", "eval_only", "device", "trust_unverified")
 
 
 class TrainingError(RuntimeError):
@@ -112,7 +112,7 @@ def resolve_config(cfg: TrainConfig, args: argparse.Namespace) -> tuple[TrainCon
 
 def _find_resume(cfg: TrainConfig, run_dir: Path) -> Path | None:
     restarts = restart_count()
-    if cfg.resume is None and restarts > 0 and (run_dir / "checkpoints" / "latest").exists():
+    if cfg.resume is None and restarts > 0 and checkpoint.has_checkpoints(run_dir):
         # torchrun restarted the worker group after a failure: continue from the newest checkpoint, with the
         # same command line as the first launch
         ckpt = checkpoint.resolve(run_dir)
@@ -121,14 +121,14 @@ def _find_resume(cfg: TrainConfig, run_dir: Path) -> Path | None:
                      restarts, ckpt, checkpoint.load_state(ckpt).get("step", 0))
         return ckpt
     if cfg.resume is None:
-        if (run_dir / "checkpoints" / "latest").exists():
+        if checkpoint.has_checkpoints(run_dir):
             raise ValueError(f"{run_dir} already holds checkpoints; pass --resume auto to continue that run, or "
                              "choose a new --out")
         return None
     if cfg.resume == "auto":
-        if not (run_dir / "checkpoints" / "latest").exists():
+        if not checkpoint.has_checkpoints(run_dir):
             return None
-        return checkpoint.resolve(run_dir)
+        return checkpoint.resolve(run_dir)  # `latest`, or the newest checkpoint that verifies (the log says so)
     return checkpoint.resolve(cfg.resume)
 
 
@@ -762,6 +762,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, args = parse_config(argv)
         out = cfg.out
+        checkpoint.trust_unverified(cfg.trust_unverified)
         train(cfg, args)
     except (ValueError, TrainingError) as e:  # CheckpointError, DataError, LockedError are ValueErrors
         print(f"error: {e}", file=sys.stderr)

@@ -434,7 +434,7 @@ def test_token_id_out_of_the_vocabulary_names_shard_id_and_vocabulary(tmp_path):
     d = tmp_path / "d"
     make_data_dir(d, [1601, 1601], [801], vocab=70_000)  # ids are positions < 3,202: all inside a vocab of 4,000
     meta = json.loads((d / "meta.json").read_text())
-    meta["tokenizer"]["vocab_size"] = 4_000
+    meta["tokenizer"].update(vocab_size=4_000, eot_id=3_999)
     (d / "meta.json").write_text(json.dumps(meta))
     data = TokenData(d, "train")
     rb = RandomBatches(data, batch_size=4, block_size=16, seed=0)

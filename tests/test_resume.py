@@ -123,9 +123,9 @@ def test_damaged_and_inconsistent_checkpoints_are_one_line_errors(builtin_data, 
         return subprocess.run([sys.executable, "bin/sample", "--checkpoint", str(ckpt), "--max_new_tokens", "4",
                                *extra], cwd=ROOT, capture_output=True, text=True, timeout=120)
 
-    def resume() -> subprocess.CompletedProcess:
+    def resume(*extra: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "bin/train", *args(builtin_data, tmp_path / "r2", "--resume",
-                               str(ckpt), "--total_iters", "4")], cwd=ROOT, capture_output=True, text=True,
+                               str(ckpt), "--total_iters", "4", *extra)], cwd=ROOT, capture_output=True, text=True,
                               timeout=120)
 
     # the weights sample reads: the EMA's by default, the trained ones with --weights raw
@@ -145,13 +145,17 @@ def test_damaged_and_inconsistent_checkpoints_are_one_line_errors(builtin_data, 
     res = resume()
     assert res.returncode == 2 and "optimizer.pt" in res.stderr.splitlines()[-1] and "Traceback" not in res.stderr
     assert not (tmp_path / "r2" / "checkpoints").exists()
-    (ckpt / "checksums.json").unlink()  # an older checkpoint without checksums: torch.load's failure, one line
-    res = resume()
+    (ckpt / "checksums.json").unlink()  # no checksums: refused, unless the user says to trust it
+    for res in (resume(), sample()):
+        assert res.returncode == 2 and "cannot be verified" in res.stderr and "--trust_unverified" in res.stderr
+    assert not (tmp_path / "r2" / "checkpoints").exists()
+    res = resume("--trust_unverified")  # trusted: then torch.load's own failure, one line
     assert res.returncode == 2 and "cannot load the optimizer state" in res.stderr and "Traceback" not in res.stderr
+    assert sample("--trust_unverified").returncode == 0
     # a model_config.json that does not describe its weights
     cfg = json.loads((ckpt / "model_config.json").read_text())
     (ckpt / "model_config.json").write_text(json.dumps({**cfg, "hidden_dim": 192}))
-    res = sample()
+    res = sample("--trust_unverified")
     assert res.returncode == 2 and "does not match" in res.stderr and "Traceback" not in res.stderr
 
 

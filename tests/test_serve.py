@@ -144,12 +144,11 @@ def test_bad_input_gets_a_message_and_the_server_lives_on(client, run_dir, tmp_p
     assert "stories (3) cannot exceed beams (2)" in status
     with pytest.raises(gradio_client.exceptions.AppError, match="greater than maximum"):
         write(client, str(run_dir), temperature=7.0)  # the slider's own bound, said by Gradio
-    # a model that fails to load: weights cut short (a fresh copy, so no checksum file vouches for them)
+    # a model that fails to load: weights cut short (its checksums then say so)
     broken = tmp_path / "broken"
     from storyllama.checkpoint import resolve
 
     shutil.copytree(resolve(run_dir), broken)
-    (broken / "checksums.json").unlink()
     (broken / "model_ema.safetensors").write_bytes(b"\x00" * 100)  # the weights it serves: the EMA's
     _, status = write(client, str(broken))
     assert status.startswith("error:") and "model_ema.safetensors" in status, status
