@@ -219,14 +219,14 @@ def _write_failure_message(final: Path, e: OSError, ckpt_root: Path) -> str:
 
 def _prune(ckpt_root: Path, keep_last: int) -> None:
     """Keep the newest keep_last checkpoints by step (and whatever `latest`/`best` name)."""
-    keep = {_read_pointer(ckpt_root / p) for p in ("latest", "best")}
+    keep = {read_pointer(ckpt_root / p) for p in ("latest", "best")}
     found = sorted((step_of(p.name), p.name) for p in ckpt_root.iterdir() if p.is_dir() and step_of(p.name))
     for _, old in found[:-keep_last]:
         if old not in keep:
             shutil.rmtree(ckpt_root / old, ignore_errors=True)
 
 
-def _read_pointer(path: Path) -> str | None:
+def read_pointer(path: Path) -> str | None:
     """The checkpoint a pointer file (`latest`, `best`) names, or None: a pointer is only ever a checkpoint name of
     its own run (`step_NNNNNN`), never a path, so one that names anything else (`../other`, `/abs`) is ignored."""
     try:
@@ -268,7 +268,7 @@ def resolve(path: str | Path, which: str = "latest") -> Path:
         ckpt = path
     else:
         root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-        name = _read_pointer(root / which)
+        name = read_pointer(root / which)
         ckpt = root / name if name is not None else None
         if ckpt is None or not all((ckpt / f).is_file() for f in (WEIGHTS, MODEL_CONFIG)):
             fallback = next((c for c in checkpoint_dirs(root) if verifies(c)), None)

@@ -50,6 +50,46 @@ class ServeError(ValueError):
     """A message for the page: bad input or a model that cannot be used."""
 
 
+# -- what a request may reach ------------------------------------------------------------------------------
+class ServedRuns:
+    """The models and runs this server offers: the --run paths, and the directories directly under --runs_dir
+    (looked at again when a name is not found, so new runs appear), each by its name: the path as written on the
+    command line (`runs/demo`, or `RUNS_DIR/NAME`). A request names one of them; no path it supplies is opened."""
+
+    def __init__(self, runs: list[str], runs_dir: str | None = None):
+        self.fixed = {r.strip(): Path(r.strip()).expanduser() for r in runs if r.strip()}
+        self.runs_dir = runs_dir
+
+    def _under_runs_dir(self) -> dict[str, Path]:
+        if not self.runs_dir:
+            return {}
+        root = Path(self.runs_dir).expanduser()
+        try:
+            found = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        except OSError:
+            return {}
+        return {str(Path(self.runs_dir) / p.name): p for p in found}
+
+    def names(self) -> list[str]:
+        return [*self.fixed, *(n for n in self._under_runs_dir() if n not in self.fixed)]
+
+    def path(self, name: str) -> Path:
+        """The directory `name` stands for, or ServeError (which names the choices, never a file's contents)."""
+        name = str(name or "").strip()
+        if not name:
+            raise ServeError("choose a model: one of the runs this server offers")
+        p = self.fixed.get(name) or self._under_runs_dir().get(name)
+        if p is None:
+            shown = name if len(name) <= 80 else name[:77] + "..."
+            offered = self.names()
+            listed = ", ".join(offered[:6]) + (", ..." if len(offered) > 6 else "")
+            raise ServeError(f"{shown!r} is not a model this server offers ({listed or 'none'}); start bin/serve "
+                             "with --run PATH or --runs_dir DIR to offer more")
+        if not p.exists():
+            raise ServeError(f"{name}: no such directory (yet): train it first, or restart bin/serve without it")
+        return p
+
+
 # -- models ---------------------------------------------------------------------------------------------
 @dataclass
 class LoadedModel:
@@ -69,8 +109,10 @@ def _is_transformers_dir(p: Path) -> bool:
 class ModelStore:
     """Resolved checkpoint -> LoadedModel, loaded once (under a lock), the `max_models` most recent kept."""
 
-    def __init__(self, device: str = "auto", dtype: str = "float32", max_models: int = 2):
+    def __init__(self, device: str = "auto", dtype: str = "float32", max_models: int = 2,
+                 served: ServedRuns | None = None):
         self.device_name, self.dtype_name, self.max_models = device, dtype, max_models
+        self.served = served or ServedRuns([])
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
         self._imports: dict[str, Path] = {}  # transformers dir -> the run directory it was imported into
         self._lock = threading.Lock()
@@ -79,15 +121,11 @@ class ModelStore:
     def close(self) -> None:
         shutil.rmtree(self._tmp, ignore_errors=True)
 
-    def get(self, path: str) -> LoadedModel:
+    def get(self, name: str) -> LoadedModel:
+        """The model of the served run `name` (see ServedRuns), loaded once."""
         from storyllama.checkpoint import CheckpointError, resolve
 
-        path = (path or "").strip()
-        if not path:
-            raise ServeError("choose a model: a run directory, a checkpoint directory or a transformers directory")
-        p = Path(path).expanduser()
-        if not p.exists():
-            raise ServeError(f"{path}: no such file or directory")
+        p = self.served.path(name)
         with self._lock:  # loads are serialised: two requests for one path load it once
             try:
                 if _is_transformers_dir(p):
@@ -180,13 +218,13 @@ def _join(prompt: str, texts: list[str]) -> str:
     return "\n\n".join(f"--- story {i + 1} ---\n{prompt}{t}" for i, t in enumerate(texts))
 
 
-def _load_and_encode(store: ModelStore, model_path: str, prompt: str, max_new_tokens: int,
+def _load_and_encode(store: ModelStore, model: str, prompt: str, max_new_tokens: int,
                      request: tuple = ("", (), "")) -> tuple:
     """(the loaded model, the prompt's ids), or ServeError saying what is wrong with them. `request` (words,
     features, summary), when any is given, prompts with the request; `prompt` is then the story's start."""
     from storyllama.sample import check_fits, request_prompt
 
-    lm = store.get(model_path)
+    lm = store.get(model)
     words, features, summary = request
     if (words or "").strip() or features or (summary or "").strip():
         try:
@@ -202,7 +240,7 @@ def _load_and_encode(store: ModelStore, model_path: str, prompt: str, max_new_to
     return lm, ids
 
 
-def write(store: ModelStore, model_path: str, prompt: str, mode: str, temperature=0.8, top_k=0, top_p=1.0,
+def write(store: ModelStore, model: str, prompt: str, mode: str, temperature=0.8, top_k=0, top_p=1.0,
           repetition_penalty=1.0, max_length=200, seed=-1, stories=1, beams=4, length_penalty=1.0, words="",
           features=(), summary=""):
     """Generator of (story text, status line): the stories as they are written, then the final numbers."""
@@ -212,7 +250,7 @@ def write(store: ModelStore, model_path: str, prompt: str, mode: str, temperatur
     try:
         cfg = sample_config(mode, temperature, top_k, top_p, repetition_penalty, max_length, seed, stories, beams,
                             length_penalty)
-        lm, ids = _load_and_encode(store, model_path, prompt, cfg.max_new_tokens, (words, features, summary))
+        lm, ids = _load_and_encode(store, model, prompt, cfg.max_new_tokens, (words, features, summary))
     except ServeError as e:
         yield "", f"error: {e}"
         return
@@ -303,12 +341,8 @@ def _status(cfg, mode: str, state: dict, t_start: float, stopped: list[str], lm:
 
 
 # -- watching ---------------------------------------------------------------------------------------------
-def _run_dir(path: str) -> Path:
-    p = Path((path or "").strip()).expanduser()
-    if not str(path or "").strip():
-        raise ServeError("choose a run directory to watch")
-    if not p.exists():
-        raise ServeError(f"{path}: no such file or directory")
+def _run_dir(served: ServedRuns, name: str) -> Path:
+    p = served.path(name)
     if (p / "model.safetensors").is_file() and p.parent.name == "checkpoints":
         return p.parent.parent  # a checkpoint: watch its run
     return p
@@ -351,25 +385,30 @@ def _line_start_after(path: Path, pos: int) -> int:
         return f.tell()
 
 
-def watch(path: str):
-    """(curves DataFrame, summary markdown, checkpoints DataFrame, samples markdown) of a run."""
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def watch(served: ServedRuns, name: str):
+    """(curves DataFrame, summary markdown, checkpoints DataFrame, samples markdown) of the served run `name`."""
     import pandas as pd
 
     curves = pd.DataFrame({"step": [], "loss": [], "series": []})
     ckpts = pd.DataFrame({"checkpoint": [], "step": [], "val loss": [], "val bits/byte": [], "pointer": []})
     try:
-        run = _run_dir(path)
+        run = _run_dir(served, name)
     except ServeError as e:
         return curves, f"**error:** {e}", ckpts, ""
     recs = read_metrics(run)
-    train = [r for r in recs if "loss" in r and "step" in r]
-    val = [r for r in recs if "val_loss" in r and "step" in r]
+    # records whose numbers are not numbers (a damaged or foreign file) are left out, not formatted
+    train = [r for r in recs if _number(r.get("loss")) and isinstance(r.get("step"), int)]
+    val = [r for r in recs if _number(r.get("val_loss")) and isinstance(r.get("step"), int)]
     rows = [(r["step"], r["loss"], "train") for r in train] + [(r["step"], r["val_loss"], "validation") for r in val]
     if rows:
         curves = pd.DataFrame(rows, columns=["step", "loss", "series"])
-    lines = [f"**run** `{run}`"]
+    lines = [f"**run** `{name}`"]
     if not recs:
-        lines.append(f"no metrics yet: {run / 'metrics.jsonl'} is missing or empty (bin/train writes it)")
+        lines.append("no metrics yet: its metrics.jsonl is missing or empty (bin/train writes it)")
     if train:
         t = train[-1]
         lines.append(f"step **{t['step']}** · train loss **{t['loss']:.4f}** · "
@@ -394,17 +433,16 @@ def watch(path: str):
 def _checkpoints(run: Path, val_by_step: dict[int, dict], empty):
     import pandas as pd
 
-    from storyllama.checkpoint import step_of
+    from storyllama.checkpoint import read_pointer, step_of
 
     root = run / "checkpoints"
     if not root.is_dir():
         return empty
     pointers = {}
     for name in ("latest", "best"):
-        try:
-            pointers.setdefault((root / name).read_text().strip(), []).append(name)
-        except OSError:
-            pass
+        target = read_pointer(root / name)  # a step name or None: never the file's text
+        if target is not None:
+            pointers.setdefault(target, []).append(name)
     rows = []
     for d in sorted(root.iterdir(), key=lambda d: step_of(d.name) or (-1, 0)):
         s = step_of(d.name)
@@ -418,16 +456,24 @@ def _checkpoints(run: Path, val_by_step: dict[int, dict], empty):
 
 
 # -- the page -----------------------------------------------------------------------------------------------
-def build_app(store: ModelStore, runs: list[str], watch_every: float = 5.0):
+def build_app(store: ModelStore, runs: list[str] | ServedRuns, watch_every: float = 5.0):
+    """The page. `runs` (names, or a ServedRuns) are what requests may reach; the store serves only those."""
     import gradio as gr
 
+    served = runs if isinstance(runs, ServedRuns) else ServedRuns(runs)
+    store.served = served
+    runs = served.names()
     default = runs[0] if runs else DEFAULT_RUN
+
+    def watch_run(name: str):
+        return watch(served, name)
+
     with gr.Blocks(title="StoryLlama story studio", analytics_enabled=False) as app:
         gr.Markdown("## StoryLlama story studio")
         with gr.Tab("Write", id="write"):
             with gr.Row():
                 model = gr.Dropdown(choices=runs or [default], value=default, allow_custom_value=True, scale=3,
-                                    label="Model: run directory, checkpoint directory or transformers directory",
+                                    label="Model: one of the runs this server offers (bin/serve --run / --runs_dir)",
                                     elem_id="model")
                 mode = gr.Radio(list(MODES), value="sample", label="Mode", elem_id="mode", scale=2)
             prompt = gr.Textbox(value="Once upon a time", label="Prompt", lines=2, elem_id="prompt")
@@ -461,7 +507,8 @@ def build_app(store: ModelStore, runs: list[str], watch_every: float = 5.0):
                          concurrency_limit=1)
         with gr.Tab("Watch", id="watch"):
             with gr.Row():
-                run = gr.Textbox(value=default, label="Run directory", scale=4, elem_id="watch-run")
+                run = gr.Dropdown(choices=runs or [default], value=default, allow_custom_value=True, scale=4,
+                                  label="Run", elem_id="watch-run")
                 refresh = gr.Button("Refresh", scale=1, elem_id="refresh-btn")
             plot = gr.LinePlot(x="step", y="loss", color="series", title="Loss (nats/token)", height=320,
                                elem_id="loss-plot")
@@ -470,10 +517,10 @@ def build_app(store: ModelStore, runs: list[str], watch_every: float = 5.0):
             gr.Markdown("**Latest evaluation samples**")
             samples = gr.Markdown(elem_id="samples")
             outputs = [plot, summary, ckpt_table, samples]
-            refresh.click(watch, [run], outputs, api_name="watch")
+            refresh.click(watch_run, [run], outputs, api_name="watch")
             timer = gr.Timer(watch_every)
-            timer.tick(watch, [run], outputs, api_visibility="private", show_progress="hidden")
-            app.load(watch, [run], outputs, api_visibility="private")
+            timer.tick(watch_run, [run], outputs, api_visibility="private", show_progress="hidden")
+            app.load(watch_run, [run], outputs, api_visibility="private")
     return app
 
 
@@ -483,8 +530,10 @@ def main(argv: list[str] | None = None, prog: str = "serve") -> int:
 
     p = OneLineErrorParser(prog=prog, description="The Story studio: write stories and watch runs in a web page.")
     p.add_argument("--run", action="append", default=[],
-                   help="a model to offer: run, checkpoint or transformers directory (repeatable; default "
-                        f"{DEFAULT_RUN})")
+                   help="a model to offer: run, checkpoint or transformers directory (repeatable); requests name it "
+                        f"as written here (default: {DEFAULT_RUN}, when --runs_dir is not given either)")
+    p.add_argument("--runs_dir", default=None, help="also offer every directory directly under this one, by the name "
+                   "RUNS_DIR/NAME (default: none)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true",
@@ -497,7 +546,7 @@ def main(argv: list[str] | None = None, prog: str = "serve") -> int:
     trust_unverified(a.trust_unverified)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     store = ModelStore(a.device, a.dtype, a.max_models)
-    runs = a.run or [DEFAULT_RUN]
+    runs = ServedRuns(a.run or ([] if a.runs_dir else [DEFAULT_RUN]), a.runs_dir)
     try:
         app = build_app(store, runs)
         app.queue(default_concurrency_limit=1)

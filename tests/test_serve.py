@@ -18,7 +18,7 @@ import pytest
 gr = pytest.importorskip("gradio", reason="the serve extra is not installed: pip install -e '.[serve]'")
 gradio_client = pytest.importorskip("gradio_client", reason="gradio_client is not installed")
 
-from storyllama.serve import ModelStore, build_app  # noqa: E402
+from storyllama.serve import ModelStore, ServedRuns, build_app  # noqa: E402
 from storyllama.train import main as train_main  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -55,10 +55,16 @@ def run_dir(builtin_data, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(run_dir):
+def offered(tmp_path_factory) -> Path:
+    """The server's --runs_dir: a directory put here is offered as OFFERED/NAME."""
+    return tmp_path_factory.mktemp("offered")
+
+
+@pytest.fixture(scope="module")
+def server(run_dir, offered):
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     store = ModelStore(device="cpu")
-    app = build_app(store, [str(run_dir)], watch_every=2.0)
+    app = build_app(store, ServedRuns([str(run_dir)], str(offered)), watch_every=2.0)
     app.queue(default_concurrency_limit=1)
     port = free_port()
     app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, share=False)
@@ -129,10 +135,11 @@ def test_several_stories_and_beams(client, run_dir):
     assert story.count("--- story") == 2 and "scores:" in status and "3 beams" in status, status
 
 
-def test_bad_input_gets_a_message_and_the_server_lives_on(client, run_dir, tmp_path):
-    _, status = write(client, str(tmp_path / "nowhere"))
-    assert status.startswith("error:") and "no such file or directory" in status
-    _, status = write(client, str(tmp_path))  # exists, holds no checkpoint
+def test_bad_input_gets_a_message_and_the_server_lives_on(client, run_dir, offered):
+    _, status = write(client, str(offered / "nowhere"))
+    assert status.startswith("error:") and "is not a model this server offers" in status
+    (offered / "empty").mkdir()
+    _, status = write(client, str(offered / "empty"))  # offered, holds no checkpoint
     assert status.startswith("error:") and "no complete checkpoint" in status
     _, status = write(client, str(run_dir), prompt="Once upon a time, " * 60)
     assert status.startswith("error:") and "exceeds the model's context" in status
@@ -145,7 +152,7 @@ def test_bad_input_gets_a_message_and_the_server_lives_on(client, run_dir, tmp_p
     with pytest.raises(gradio_client.exceptions.AppError, match="greater than maximum"):
         write(client, str(run_dir), temperature=7.0)  # the slider's own bound, said by Gradio
     # a model that fails to load: weights cut short (its checksums then say so)
-    broken = tmp_path / "broken"
+    broken = offered / "broken"
     from storyllama.checkpoint import resolve
 
     shutil.copytree(resolve(run_dir), broken)
@@ -167,7 +174,7 @@ def test_watch_api_reads_the_run(client, run_dir):
     series = {row[plot["headers"].index("series")] for row in plot["value"]["data"]} if "value" in plot else None
     assert series in ({"train", "validation"}, None)
     _, summary, _, _ = client.predict("/no/such/run", api_name="/watch")
-    assert "no such file or directory" in summary
+    assert "is not a model this server offers" in summary
 
 
 def test_bin_serve_binds_localhost_only(run_dir):
@@ -252,13 +259,40 @@ def test_concurrent_writes_are_queued_not_mixed(client, run_dir):
     assert [j.result()[0] for j in jobs] == alone
 
 
-def test_a_transformers_directory_writes_the_runs_story(client, run_dir, tmp_path):
+def test_a_transformers_directory_writes_the_runs_story(client, run_dir, offered):
     """bin/export's transformers directory is imported once by the page and writes the run's greedy story."""
     pytest.importorskip("transformers", reason="transformers is needed to write the tokenizer.json of the export")
     from storyllama.export import main as export_main
 
-    hf = tmp_path / "hf"
+    hf = offered / "hf"
     assert export_main(["--run", str(run_dir), "--out", str(hf)]) == 0
     ours, _ = write(client, str(run_dir), prompt="Lily had a", mode="greedy", max_length=30)
     theirs, status = write(client, str(hf), prompt="Lily had a", mode="greedy", max_length=30)
     assert theirs == ours, status
+
+
+def test_requests_reach_only_the_runs_the_server_was_given(client, run_dir, offered, tmp_path):
+    """Issue 30, class 3, through the HTTP API: another run, a transformers folder, `../` out of --runs_dir, a
+    `latest` naming another run, a secret file named `latest`: none is loaded, listed or echoed."""
+    from storyllama.checkpoint import resolve
+
+    other = tmp_path / "other"  # a complete run the server was not given
+    shutil.copytree(run_dir, other)
+    secret = "SECRET-TOKEN-1234"
+    (tmp_path / "latest").write_text(secret + "\n")
+    for name in (str(other), str(offered / ".." / other.name), f"{offered}/../{other.name}", str(resolve(other)),
+                 str(tmp_path), "../" * 8 + str(other).lstrip("/"), "runs/demo"):
+        story, status = write(client, name)
+        assert story == "" and "is not a model this server offers" in status, (name, status)
+        _, summary, ckpts, _ = client.predict(name, api_name="/watch")
+        assert "is not a model this server offers" in summary and not ckpts["data"], (name, summary)
+    # an offered run whose `latest` points at another run's checkpoint, or holds a secret: its own checkpoint is
+    # used, and nothing of the pointer's text comes back
+    lied = offered / "lied"
+    shutil.copytree(run_dir, lied)
+    for text in (str(resolve(other)), "../../" + other.name + "/checkpoints/step_000012", secret):
+        (lied / "checkpoints" / "latest").write_text(text + "\n")
+        story, status = write(client, str(lied), mode="greedy", max_length=20)
+        assert story.startswith("Once upon a time") and secret not in status and "other" not in status, status
+        _, summary, ckpts, _ = client.predict(str(lied), api_name="/watch")
+        assert secret not in summary and all(secret not in str(c) for row in ckpts["data"] for c in row)
