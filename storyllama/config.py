@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import math
+import re
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, get_type_hints
 
@@ -25,19 +26,19 @@ DROPOUT_RATES = ("dropout", "attn_dropout")
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 50304
-    dim: int = 512
-    n_layers: int = 8
-    n_heads: int = 8
-    n_kv_heads: int = 2
+    vocab_size: int = 50304  # model vocabulary; taken from the data (padded to a multiple of 64) unless given
+    dim: int = 512  # model width (embedding size)
+    n_layers: int = 8  # transformer blocks
+    n_heads: int = 8  # attention (query) heads
+    n_kv_heads: int = 2  # key/value heads (grouped-query attention); divides n_heads
     block_size: int = 512  # context length
     hidden_dim: int | None = None  # SwiGLU width; None: Llama's rule, 8/3 * dim rounded up to multiple_of
-    multiple_of: int = 256
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
+    multiple_of: int = 256  # the SwiGLU width is rounded up to a multiple of this
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    rope_theta: float = 10000.0  # RoPE base frequency
     dropout: float = 0.0  # on the residual stream: the embeddings and each block's attention and MLP output
     attn_dropout: float = 0.0  # on the attention probabilities (on CPU it costs SDPA's fused kernel)
-    tie_embeddings: bool = True
+    tie_embeddings: bool = True  # the LM head shares the token embedding's weights
 
     def __post_init__(self) -> None:
         if self.hidden_dim is None:
@@ -121,20 +122,20 @@ SEED_RECIPE: dict[str, Any] = dict(optimizer="adamw", weight_decay=0.1, muon_lr=
 
 @dataclass
 class TrainConfig:
-    data: str = "data/builtin"
-    out: str = "runs/default"
-    preset: str = "tiny"
+    data: str = "data/builtin"  # prepared data directory (bin/prepare_data --out)
+    out: str = "runs/default"  # run directory: checkpoints, metrics.jsonl, loss.png
+    preset: str = "tiny"  # named model shape (tiny, small, storyllama-88m, stories15m, ...)
     # batch and schedule
     batch_size: int = 8  # micro-batch, sequences per process per forward
     total_batch_size: int | None = None  # tokens per optimizer step (all ranks); None: one micro-batch per rank
     total_iters: int = 1000  # optimizer steps
     epochs: float | None = None  # if set, total_iters = epochs * train tokens / total_batch_size
-    max_lr: float = 6e-4
+    max_lr: float = 6e-4  # peak learning rate of AdamW (and the schedule's shape for Muon)
     min_lr_ratio: float = 0.1  # cosine decays to max_lr * min_lr_ratio
-    warmup_iters: int = 100
+    warmup_iters: int = 100  # linear warm-up steps before the cosine
     weight_decay: float = 1.0  # decoupled (lr x decay per step); the seed project's 0.1 is SEED_RECIPE's
-    beta1: float = 0.9
-    beta2: float = 0.95
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
     clip: float = 1.0  # gradient-norm clipping; 0: none
     # optimizer and recipe (README, Training: the defaults are the measured recipe; SEED_RECIPE the seed's)
     optimizer: str = "muon"  # adamw | muon (Muon for the blocks' matrices, AdamW for embeddings and norms)
@@ -145,12 +146,12 @@ class TrainConfig:
     ema_decay: float = 0.99  # 0: off; else an exponential moving average of the weights, evaluated and saved
     dropout_start: int = 0  # late dropout: --dropout / --attn_dropout apply from this optimizer step on (0: always)
     # evaluation, logging, checkpoints
-    eval_interval: int = 100
+    eval_interval: int = 100  # evaluate every this many optimizer steps
     eval_iters: int = 20  # validation batches per eval (0: the whole split)
     log_interval: int = 10  # also how often the host reads the device (loss, skipped steps, the stop agreement)
-    save_interval: int = 100
+    save_interval: int = 100  # save a checkpoint every this many optimizer steps
     save_every_minutes: float | None = None  # also save when this much wall time has passed since the last save
-    keep_last: int = 3
+    keep_last: int = 3  # checkpoints kept (the newest; latest and best are always kept)
     keep_best: bool = True  # also keep the checkpoint with the lowest validation loss as `best`
     resume: str | None = None  # "auto" or a checkpoint directory
     init_from: str | None = None  # fine-tune: start from this run's (or checkpoint's) weights, fresh optimizer, step 0
@@ -159,23 +160,23 @@ class TrainConfig:
     max_time: float | None = None  # stop (with a checkpoint) after this many seconds of training
     max_bad_steps: int = 5  # non-finite losses in a row before the run stops
     # hardware and speed
-    device: str = "auto"
+    device: str = "auto"  # auto (CUDA when present, else CPU), cpu, cuda or cuda:N
     dtype: str = "auto"  # auto: bfloat16 autocast on GPUs that support it, float32 on CPU
     compile: bool | None = None  # None: on for CUDA, off for CPU
     kernels: str = "auto"  # auto | triton | reference
     fused_ce: bool | None = None  # None: on (chunked linear + cross-entropy, no full logits)
-    seed: int = 1337
+    seed: int = 1337  # seed of the initialisation, the data order and dropout
     # windows start at story starts; attention and the loss stay inside each story (training and evaluation).
     # None: on for request/story data (a window opens with a request), off for plain text
-    doc_aligned: bool | None = None
+    doc_aligned: bool | None = None  # story-aligned windows and attention (above); unset: on for request/story data
     # samples printed at each eval
-    prompt: str = "Once upon a time"
+    prompt: str = "Once upon a time"  # prompt of the sample printed at each evaluation
     sample_tokens: int = 64  # 0: no sample at evals
-    temperature: float = 0.8
+    temperature: float = 0.8  # temperature of that sample
     # Weights & Biases (never required; works with WANDB_MODE=offline)
-    wandb: bool = False
-    wandb_project: str = "storyllama"
-    wandb_run_name: str | None = None
+    wandb: bool = False  # log to Weights & Biases (WANDB_MODE=offline works without an account)
+    wandb_project: str = "storyllama"  # W&B project
+    wandb_run_name: str | None = None  # W&B run name; unset: the run directory's name
 
     def __post_init__(self) -> None:
         checks = {"batch_size": self.batch_size, "total_iters": self.total_iters, "max_lr": self.max_lr,
@@ -223,19 +224,19 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    prompt: list[str] = field(default_factory=lambda: ["Once upon a time"])
-    max_new_tokens: int = 200
-    temperature: float = 0.8
-    top_k: int | None = None
-    top_p: float | None = None
-    repetition_penalty: float = 1.0
-    num_samples: int = 1
+    prompt: list[str] = field(default_factory=lambda: ["Once upon a time"])  # one or more prompts (one batch)
+    max_new_tokens: int = 200  # new tokens per story
+    temperature: float = 0.8  # 0: greedy
+    top_k: int | None = None  # keep the k most likely tokens; unset: off
+    top_p: float | None = None  # nucleus sampling: keep the smallest set with this probability; unset: off
+    repetition_penalty: float = 1.0  # divide the logits of tokens already in the text by this (1: off)
+    num_samples: int = 1  # stories per prompt (beam search: the best beams)
     num_beams: int = 1  # > 1: beam search (deterministic; temperature, top-k and top-p do not apply)
     length_penalty: float = 1.0  # beam search: a hypothesis scores sum(log p) / length ** length_penalty
-    seed: int | None = None
-    dtype: str = "float32"
-    compile: bool = False
-    device: str = "auto"
+    seed: int | None = None  # random seed; unset: a fresh one
+    dtype: str = "float32"  # weight dtype: float32 or bfloat16 (halves the bytes read per token)
+    compile: bool = False  # compile the decode step (CUDA graphs on CUDA)
+    device: str = "auto"  # auto (CUDA when present, else CPU), cpu, cuda or cuda:N
 
     def __post_init__(self) -> None:
         for name in ("temperature", "top_p", "repetition_penalty"):
@@ -298,6 +299,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[s
                        prefix_help: str = "") -> None:
     """One flag per dataclass field, defaults None (so "given on the command line" is knowable)."""
     hints = get_type_hints(cls)
+    comments = field_comments(cls)
     group = parser.add_argument_group(prefix_help or cls.__name__)
     for f in fields(cls):
         if f.name in skip:
@@ -306,7 +308,9 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[s
         names = [f"--{f.name}"] + SEED_ALIASES.get(f.name, [])
         default = f.default if f.default is not MISSING else (f.default_factory() if f.default_factory is not MISSING
                                                                else None)
-        kw: dict[str, Any] = dict(dest=f.name, default=None, help=f"(default: {default})")
+        what = comments.get(f.name, "")
+        kw: dict[str, Any] = dict(dest=f.name, default=None, help=f"{what} (default: {default})".strip()
+                                  .replace("%", "%%"))
         base = _base_type(tp)
         if base is bool:
             # --compile / --no-compile / --compile false all work.
@@ -320,6 +324,15 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[s
         else:
             kw.update(type=base)
         group.add_argument(*names, **kw)
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """Each dataclass field's trailing comment in the source (`name: type = default  # what it does`): the help
+    text of its flag, so the comment and --help are one text."""
+    import inspect
+
+    found = re.findall(r"^    (\w+): [^=\n]+=[^#\n]*#\s*(.+)$", inspect.getsource(cls), flags=re.M)
+    return {name: text.strip() for name, text in found}
 
 
 def _base_type(tp: Any) -> type:

@@ -101,3 +101,20 @@ def test_the_quick_commands_of_the_readme_run_for_real(tmp_path):
                           "--sample_tokens", "0"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert (Path(run) / "checkpoints" / "latest").is_file()
+
+
+@pytest.mark.parametrize("tool", ["train", "sample"])
+def test_every_flag_says_what_it_does_and_its_default(tool):
+    """--help is the reference: each flag of the dataclass-built tools has a sentence and its default."""
+    if tool == "train":
+        from storyllama.train import build_parser
+    else:
+        from storyllama.sample import build_parser
+    missing = []
+    for action in build_parser()._actions:
+        if action.help in (None, "==SUPPRESS==") or action.dest == "help":
+            continue
+        what = action.help.split("(default")[0].strip()
+        if not what or ("default" not in action.help and action.default not in (None, False)):
+            missing.append(action.option_strings[0])
+    assert missing == [], missing
