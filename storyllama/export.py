@@ -160,8 +160,8 @@ def main(argv: list[str] | None = None, prog: str = "export") -> int:
     src.add_argument("--run", help="run directory: exports its latest checkpoint")
     src.add_argument("--checkpoint", help="a checkpoint directory")
     p.add_argument("--out", required=True, help="the directory (hf) or file (gguf) to write")
-    p.add_argument("--format", choices=("hf", "gguf"), default="hf", help="hf: a transformers directory; gguf: one "
-                   "GGUF file (float32)")
+    p.add_argument("--format", choices=("hf", "gguf"), default="hf", help="hf (default): a transformers directory; "
+                   "gguf: one GGUF file (float32) for llama.cpp / Ollama")
     p.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
                    help="ema: the averaged weights of a run trained with --ema_decay; raw: the trained ones; auto "
                    "(default): ema when the checkpoint has them")

@@ -201,10 +201,10 @@ def main(argv: list[str] | None = None, prog: str = "instruct_score") -> int:
     p = OneLineErrorParser(prog=prog, description="Score story requests: word inclusion and feature rates of each "
                            "model on a fixed set of held-out built-in requests.")
     p.add_argument("--run", action="append", required=True, help="a run or checkpoint directory (repeatable)")
-    p.add_argument("--requests", type=int, default=200)
+    p.add_argument("--requests", type=int, default=200, help="held-out requests each model answers (default 200)")
     p.add_argument("--seed", type=int, default=4242, help="seed of the held-out requests (the corpus uses 1337)")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--max_new_tokens", type=int, default=220)
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
+    p.add_argument("--max_new_tokens", type=int, default=220, help="new tokens per story at most (default 220)")
     p.add_argument("--show", type=int, default=1, help="print this many stories of each model")
     add_trust_flag(p)
     a = p.parse_args(argv)

@@ -535,12 +535,13 @@ def main(argv: list[str] | None = None, prog: str = "serve") -> int:
     p.add_argument("--runs_dir", default=None, help="also offer every directory directly under this one, by the name "
                    "RUNS_DIR/NAME (default: none)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
     p.add_argument("--share", action="store_true",
                    help="also open a public gradio.live link (anyone with it can read files the server can read)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--max_models", type=int, default=2, help="models kept in memory (most recently used)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu or cuda (default auto)")
+    p.add_argument("--dtype", default="float32", help="weight dtype: float32 or bfloat16 (default float32)")
+    p.add_argument("--max_models", type=int, default=2, help="models kept in memory, the most recently used "
+                   "(default 2)")
     add_trust_flag(p)
     a = p.parse_args(argv)
     trust_unverified(a.trust_unverified)
