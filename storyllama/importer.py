@@ -27,6 +27,7 @@ sibling and renamed; an existing non-empty --out is refused unless it is an unto
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -54,12 +55,15 @@ class ImportRefused(ValueError):
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ImportRefused(f"{path} cannot be read as JSON ({e})") from None
+        out = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise ImportRefused(f"{path} cannot be read as JSON ({type(e).__name__}: {str(e)[:100]})") from None
+    if not isinstance(out, dict):
+        raise ImportRefused(f"{path} is not a JSON object")
+    return out
 
 
-def _rope_theta(conf: dict, where: Path) -> float:
+def _rope_theta(conf: dict, where: Path):
     rp = conf.get("rope_parameters")
     scaling = conf.get("rope_scaling")
     for r in (rp, scaling):
@@ -69,12 +73,44 @@ def _rope_theta(conf: dict, where: Path) -> float:
     theta = conf.get("rope_theta")
     if theta is None and isinstance(rp, dict):
         theta = rp.get("rope_theta")
-    return float(theta if theta is not None else 10000.0)
+    return theta if theta is not None else 10000.0  # checked by the caller
+
+
+# What an imported config may say: the type and range of each number, checked before anything is built, so a
+# wrong-typed, missing, zero, negative or absurd value is one line naming the field (never a KeyError, a division
+# by zero or a huge allocation). The bounds are what a model this tool can train or sample on one machine uses.
+LIMITS = {"vocab_size": (1, MAX_VOCAB), "dim": (1, 65_536), "n_layers": (1, 1_024), "n_heads": (1, 1_024),
+          "n_kv_heads": (1, 1_024), "hidden_dim": (1, 262_144), "block_size": (1, 131_072)}
+
+
+def checked_int(value, name: str, where, field: str | None = None) -> int:
+    """An integer field of an imported config within LIMITS[field], or ImportRefused naming it."""
+    low, high = LIMITS[field or name]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ImportRefused(f"{where}: {name} must be an integer from {low:,} to {high:,}, got "
+                            f"{type(value).__name__} {str(value)[:40]}")
+    if not low <= value <= high:
+        raise ImportRefused(f"{where}: {name} is {value:,}; it must be from {low:,} to {high:,}")
+    return value
+
+
+def checked_float(value, name: str, where, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not low < value < high:
+        raise ImportRefused(f"{where}: {name} must be a finite number between {low:g} and {high:g}, got "
+                            f"{str(value)[:40]}")
+    return float(value)
+
+
+def _require(conf: dict, key: str, where):
+    if key not in conf or conf[key] is None:
+        raise ImportRefused(f"{where} has no {key}; it does not describe a model that can be imported")
+    return conf[key]
 
 
 def config_from_hf(conf: dict, where: Path) -> ModelConfig:
     """LlamaConfig (config.json) -> ModelConfig, refusing by name what our model cannot represent."""
-    archs = conf.get("architectures") or []
+    archs = conf.get("architectures") if isinstance(conf.get("architectures"), list) else []
     if conf.get("model_type") != "llama" and "LlamaForCausalLM" not in archs:
         raise ImportRefused(f"{where} describes a {conf.get('model_type') or archs or 'unknown'} model; only Llama "
                             "(model_type llama, LlamaForCausalLM) can be imported")
@@ -84,36 +120,69 @@ def config_from_hf(conf: dict, where: Path) -> ModelConfig:
     act = conf.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise ImportRefused(f"{where} uses the activation {act!r}; StoryLlama's MLP is SwiGLU (SiLU) only")
-    theta = _rope_theta(conf, where)
-    dim, heads = int(conf["hidden_size"]), int(conf["num_attention_heads"])
-    head_dim = conf.get("head_dim")
-    if head_dim is not None and int(head_dim) * heads != dim:
-        raise ImportRefused(f"{where} has head_dim {head_dim} with hidden_size {dim} and {heads} heads; StoryLlama "
-                            f"needs head_dim = hidden_size / heads = {dim // heads}")
-    vocab = int(conf["vocab_size"])
-    if vocab > MAX_VOCAB:
+    theta = checked_float(_rope_theta(conf, where), "rope_theta", where, 0.0, 1e12)
+    vocab = _require(conf, "vocab_size", where)
+    if isinstance(vocab, int) and not isinstance(vocab, bool) and vocab > MAX_VOCAB:
         raise ImportRefused(f"{where} has a vocabulary of {vocab:,} tokens, more than the {MAX_VOCAB:,} that uint16 "
                             "token shards hold; this model cannot be imported")
+    vocab = checked_int(vocab, "vocab_size", where)
+    dim = checked_int(_require(conf, "hidden_size", where), "hidden_size", where, "dim")
+    heads = checked_int(_require(conf, "num_attention_heads", where), "num_attention_heads", where, "n_heads")
+    head_dim = conf.get("head_dim")
+    if head_dim is not None and (not isinstance(head_dim, int) or head_dim * heads != dim):
+        raise ImportRefused(f"{where} has head_dim {str(head_dim)[:20]} with hidden_size {dim} and {heads} heads; "
+                            f"StoryLlama needs head_dim = hidden_size / heads = {dim // heads}")
+    kv = conf.get("num_key_value_heads")
+    eps = conf.get("rms_norm_eps", 1e-6)
+    return build_config(where, vocab_size=vocab, dim=dim, n_heads=heads,
+                        n_layers=checked_int(_require(conf, "num_hidden_layers", where), "num_hidden_layers", where,
+                                             "n_layers"),
+                        n_kv_heads=heads if kv is None else checked_int(kv, "num_key_value_heads", where, "n_kv_heads"),
+                        block_size=checked_int(conf.get("max_position_embeddings", 2048), "max_position_embeddings",
+                                               where, "block_size"),
+                        hidden_dim=checked_int(_require(conf, "intermediate_size", where), "intermediate_size", where,
+                                               "hidden_dim"),
+                        norm_eps=checked_float(eps, "rms_norm_eps", where, 0.0, 1.0), rope_theta=theta,
+                        tie_embeddings=_checked_bool(conf.get("tie_word_embeddings", False), "tie_word_embeddings",
+                                                     where))
+
+
+def _checked_bool(value, name: str, where) -> bool:
+    if not isinstance(value, bool):
+        raise ImportRefused(f"{where}: {name} must be true or false, got {str(value)[:40]}")
+    return value
+
+
+def build_config(where, **kw) -> ModelConfig:
+    """ModelConfig from checked values; its own checks (heads dividing dim, ...) become one line naming `where`."""
     try:
-        return ModelConfig(vocab_size=vocab, dim=dim, n_layers=int(conf["num_hidden_layers"]), n_heads=heads,
-                           n_kv_heads=int(conf.get("num_key_value_heads") or heads),
-                           block_size=int(conf.get("max_position_embeddings", 2048)),
-                           hidden_dim=int(conf["intermediate_size"]), norm_eps=float(conf.get("rms_norm_eps", 1e-6)),
-                           rope_theta=theta, dropout=0.0, tie_embeddings=bool(conf.get("tie_word_embeddings", False)))
-    except (KeyError, ValueError) as e:
+        return ModelConfig(dropout=0.0, **kw)
+    except (ValueError, TypeError, ZeroDivisionError) as e:
         raise ImportRefused(f"{where} does not describe a model StoryLlama can build ({e})") from None
 
 
 def _load_hf_weights(src: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
+    def read(path: Path) -> dict[str, torch.Tensor]:
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors' own errors for empty, cut or corrupt files; OSError
+            raise ImportRefused(f"{path} is not a readable safetensors file ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:100] if str(e) else 'unreadable'}); the file is damaged "
+                                "or incomplete: download or copy it again") from None
+
     if (src / "model.safetensors").is_file():
-        return load_file(str(src / "model.safetensors"))
+        return read(src / "model.safetensors")
     index = src / "model.safetensors.index.json"
     if index.is_file():
         state: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(_read_json(index)["weight_map"].values())):
-            state.update(load_file(str(src / shard)))
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) and "/" not in v and v not in (".", "..")
+                                                       for v in weight_map.values()):
+            raise ImportRefused(f"{index} has no usable weight_map (file names beside it)")
+        for shard in sorted(set(weight_map.values())):
+            state.update(read(src / shard))
         return state
     if (src / "pytorch_model.bin").is_file():
         return _torch_load(src / "pytorch_model.bin")
@@ -181,10 +250,18 @@ def read_transformers_dir(src: Path):
         cfg.tie_embeddings = False  # config says tied, weights differ: keep both
     if not cfg.tie_embeddings and "lm_head.weight" not in hf_state:
         raise ImportRefused(f"{src}: tie_word_embeddings is false but the weights have no lm_head.weight")
-    missing = [k for k in hf_weight_names(cfg) if k not in hf_state]
+    names = set(hf_weight_names(cfg))
+    missing = [k for k in names if k not in hf_state]
     if missing:
         raise ImportRefused(f"{src}: the weights lack {missing[0]} (and {len(missing) - 1} more) for the model its "
                             "config.json describes")
+    # rotary tables are recomputed; a tied head may be stored twice; anything else the config does not describe
+    extra = sorted(k for k in hf_state if k not in names and not k.endswith("rotary_emb.inv_freq")
+                   and not (k == "lm_head.weight" and cfg.tie_embeddings))
+    if extra:
+        raise ImportRefused(f"{src}: the weights hold {len(extra)} tensor(s) its config.json does not describe "
+                            f"({', '.join(extra[:2])}, ...); the config and the weights do not belong together "
+                            "(nothing was written)")
     return cfg, from_hf_state_dict(hf_state, cfg), enc
 
 
@@ -200,26 +277,33 @@ def read_llama2c(pt: Path, tokenizer_model: Path | None = None):
     ckpt = _torch_load(pt)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise ImportRefused(f"{pt} is not a llama2.c checkpoint (a dict with 'model' and 'model_args')")
+    if not isinstance(ckpt["model_args"], dict) or not isinstance(ckpt["model"], dict) or not all(
+            isinstance(v, torch.Tensor) for v in ckpt["model"].values()):
+        raise ImportRefused(f"{pt} is not a llama2.c checkpoint ('model_args' a dict, 'model' a dict of tensors)")
     args = dict(ckpt["model_args"])
-    state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
-    n_heads = int(args["n_heads"])
-    n_kv = int(args.get("n_kv_heads") or n_heads)
-    vocab = int(args["vocab_size"])
-    if vocab > MAX_VOCAB:
+    state = {str(k).removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
+    where = f"{pt} (model_args)"
+    n_heads = checked_int(_require(args, "n_heads", where), "n_heads", where)
+    n_kv = args.get("n_kv_heads")
+    n_kv = n_heads if n_kv is None else checked_int(n_kv, "n_kv_heads", where)
+    vocab = _require(args, "vocab_size", where)
+    if isinstance(vocab, int) and not isinstance(vocab, bool) and vocab > MAX_VOCAB:
         raise ImportRefused(f"{pt} has a vocabulary of {vocab:,} tokens, more than the {MAX_VOCAB:,} that uint16 "
                             "token shards hold; this model cannot be imported")
     emb, head = state.get("tok_embeddings.weight"), state.get("output.weight")
     if emb is None or "layers.0.feed_forward.w1.weight" not in state:
         raise ImportRefused(f"{pt}'s 'model' holds no Llama weights (tok_embeddings.weight, layers.N....)")
-    tied = head is None or torch.equal(head, emb)
-    try:
-        cfg = ModelConfig(vocab_size=vocab, dim=int(args["dim"]), n_layers=int(args["n_layers"]), n_heads=n_heads,
-                          n_kv_heads=n_kv, block_size=int(args.get("max_seq_len", 256)),
-                          hidden_dim=int(state["layers.0.feed_forward.w1.weight"].shape[0]),
-                          norm_eps=float(args.get("norm_eps", 1e-5)), rope_theta=float(args.get("rope_theta", 10000.0)),
-                          dropout=0.0, tie_embeddings=tied)
-    except (KeyError, ValueError) as e:
-        raise ImportRefused(f"{pt}: model_args do not describe a model StoryLlama can build ({e})") from None
+    tied = head is None or (head.shape == emb.shape and torch.equal(head, emb))
+    cfg = build_config(where, vocab_size=checked_int(vocab, "vocab_size", where),
+                       dim=checked_int(_require(args, "dim", where), "dim", where),
+                       n_layers=checked_int(_require(args, "n_layers", where), "n_layers", where), n_heads=n_heads,
+                       n_kv_heads=n_kv, block_size=checked_int(args.get("max_seq_len", 256), "max_seq_len", where,
+                                                               "block_size"),
+                       hidden_dim=checked_int(int(state["layers.0.feed_forward.w1.weight"].shape[0]), "hidden_dim",
+                                              where),
+                       norm_eps=checked_float(args.get("norm_eps", 1e-5), "norm_eps", where, 0.0, 1.0),
+                       rope_theta=checked_float(args.get("rope_theta", 10000.0), "rope_theta", where, 0.0, 1e12),
+                       tie_embeddings=tied)
     ours: dict[str, torch.Tensor] = {}
     for k, v in state.items():
         if k == "output.weight" and tied:
@@ -281,6 +365,10 @@ def read_source(source: str | Path, tokenizer_model: str | Path | None = None):
                             "embedding rows; they do not belong together")
     state = {k: v.to(torch.float32).contiguous() for k, v in state.items()}
     _check_shapes(cfg, state, source)
+    bad = next((k for k, v in state.items() if not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise ImportRefused(f"{source}: {bad} holds NaN or infinite values; a model with them samples nothing "
+                            "(nothing was written)")
     return cfg, state, enc, str(source)
 
 
