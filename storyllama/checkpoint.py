@@ -359,6 +359,19 @@ def load_optimizer(optimizer: torch.optim.Optimizer, ckpt: Path) -> None:
                               "damaged or from another model, use an earlier checkpoint") from None
 
 
+def describe(ckpt: Path) -> str:
+    """What an exported file says it came from: "RUN, step N" (the run's name and the step), never a path of the
+    machine that wrote it. A checkpoint outside a run's checkpoints/ is named by its own directory."""
+    real = Path(ckpt).resolve()
+    name = real.parent.parent.name if real.parent.name == "checkpoints" else real.name
+    try:
+        step = int(json.loads((real / STATE).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        parsed = step_of(real.name)
+        step = parsed[0] if parsed else None
+    return f"{name}, step {step}" if step is not None else name
+
+
 def tokenizer_info(ckpt: Path) -> dict:
     """The checkpoint's meta.json "tokenizer" entry; an error when it or its file is missing."""
     try:

@@ -5,11 +5,14 @@
     HF_DIR/generation_config.json   EOT as eos, and the padded vocabulary ids suppressed
     HF_DIR/tokenizer.json, tokenizer_config.json   a Hugging Face tokenizer with our ids (EOT as eos), so
                                 `AutoTokenizer.from_pretrained` and `pipeline("text-generation")` load it
-    HF_DIR/meta.json + tokenizer.tiktoken (or tokenizer.json)   our own tokenizer files, as in a checkpoint
+    HF_DIR/meta.json + tokenizer.tiktoken (or tokenizer.json)   our own tokenizer files (meta.json holds the
+                                tokenizer entry only: the data's source paths stay on the machine that trained it)
     HF_DIR/README.md            how to load it
     HF_DIR/.storyllama-export.json   the marker: which files this export wrote
 
-    bin/export --format gguf --out MODEL.gguf   (see storyllama.gguf_export)
+    bin/export --format gguf [--dtype f32|f16|bf16|q8_0] --out MODEL.gguf   (see storyllama.gguf_export)
+
+Nothing written names a path of the machine that wrote it: the README says "RUN, step N" (checkpoint.describe).
 
 transformers is not needed to export, only to load. The output is written under a temporary name and
 renamed when complete. An existing --out is replaced only when it is an earlier export (its marker
@@ -29,6 +32,7 @@ from safetensors.torch import save_file
 from storyllama.checkpoint import (
     EMA_WEIGHTS,
     add_trust_flag,
+    describe,
     load_model_config,
     read_weights,
     resolve,
@@ -44,7 +48,7 @@ _README = """\
 # {name}
 
 A StoryLlama model ({params:,} parameters: dim {dim}, {n_layers} layers, {n_heads} heads, {n_kv_heads} KV heads,
-context {block_size}) exported from `{ckpt}` for Hugging Face transformers.
+context {block_size}) exported from {source} for Hugging Face transformers.
 
 `tokenizer.json` is a Hugging Face tokenizer giving the same ids as the model's own tokenizer ({tok_name},
 end of text {eot_text!r} = {eot}). The model's vocabulary is padded to {vocab_size}; ids from {n_vocab} up
@@ -53,7 +57,7 @@ never occur in text (`generation_config.json` suppresses them in `generate`).
 ```python
 from transformers import pipeline
 
-story = pipeline("text-generation", model="{out}")
+story = pipeline("text-generation", model="{out}")  # this directory
 print(story("Once upon a time", max_new_tokens=200, do_sample=True, temperature=0.8)[0]["generated_text"])
 ```
 
@@ -85,9 +89,10 @@ def hf_tokenizer_for(ckpt: Path):
     return ranks_to_hf_tokenizer(ranks, tok["pat_str"], {tok.get("special", EOT): tok["eot_id"]})
 
 
-def export(path: str | Path, out: str | Path, format: str = "hf", weights: str = "auto") -> Path:
-    """Write the HF directory (or, format="gguf", the GGUF file) for checkpoint `path` (or a run's latest), with
-    its EMA weights when it has them (weights="auto"), or weights="ema" / "raw".
+def export(path: str | Path, out: str | Path, format: str = "hf", weights: str = "auto", dtype: str = "f32") -> Path:
+    """Write the HF directory (or, format="gguf", the GGUF file in precision `dtype`: f32, f16, bf16 or q8_0) for
+    checkpoint `path` (or a run's latest), with its EMA weights when it has them (weights="auto"), or
+    weights="ema" / "raw".
 
     Raises CheckpointError for a missing or partial checkpoint, ValueError when `out` exists and is not an
     earlier export, LockedError (a ValueError) when another export writes to `out` now.
@@ -95,9 +100,12 @@ def export(path: str | Path, out: str | Path, format: str = "hf", weights: str =
     if format == "gguf":
         from storyllama.gguf_export import export_gguf
 
-        return export_gguf(path, out, weights)
+        return export_gguf(path, out, weights, dtype)
     if format != "hf":
         raise ValueError(f"--format {format!r} is not known: use hf or gguf")
+    if dtype != "f32":
+        raise ValueError(f"--dtype {dtype} is for --format gguf; the hf export is float32 (transformers casts it on "
+                         "load: from_pretrained(..., dtype=torch.bfloat16))")
     ckpt = resolve(path)
     cfg = load_model_config(ckpt)
     out = Path(out)
@@ -128,15 +136,19 @@ def export(path: str | Path, out: str | Path, format: str = "hf", weights: str =
         if tok.get("kind") != "hf":  # ours is a ranks file; an imported tokenizer.json travels as it is
             hf_tok.save(str(tmp / "tokenizer.json"))
             files.append("tokenizer.json")
-        for f in ("meta.json", tok["file"]):
-            shutil.copy2(ckpt / f, tmp / f)
+        shutil.copy2(ckpt / tok["file"], tmp / tok["file"])
+        # meta.json with the tokenizer entry only: the data's source (absolute paths of the files it was prepared
+        # from, or an import's source path) stays on the machine that trained the model
+        public_tok = {k: v for k, v in json.loads((ckpt / "meta.json").read_text())["tokenizer"].items()
+                      if k != "source"}
+        (tmp / "meta.json").write_text(json.dumps({"tokenizer": public_tok}, indent=2) + "\n")
         files.append(tok["file"])
         (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(hf_tok, eot_text, cfg), indent=2)
                                                    + "\n")
         (tmp / "README.md").write_text(_README.format(
             name=out.name, params=cfg.num_params(), dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
-            n_kv_heads=cfg.n_kv_heads, block_size=cfg.block_size, ckpt=ckpt, eot=eot_id, eot_text=eot_text,
-            vocab_size=cfg.vocab_size, n_vocab=n_vocab, out=out, tok_name=tok.get("name")))
+            n_kv_heads=cfg.n_kv_heads, block_size=cfg.block_size, source=describe(ckpt), eot=eot_id,
+            eot_text=eot_text, vocab_size=cfg.vocab_size, n_vocab=n_vocab, out=out.name, tok_name=tok.get("name")))
         publish_dir(tmp, out, sorted(set(files)))
     return out
 
@@ -161,7 +173,9 @@ def main(argv: list[str] | None = None, prog: str = "export") -> int:
     src.add_argument("--checkpoint", help="a checkpoint directory")
     p.add_argument("--out", required=True, help="the directory (hf) or file (gguf) to write")
     p.add_argument("--format", choices=("hf", "gguf"), default="hf", help="hf (default): a transformers directory; "
-                   "gguf: one GGUF file (float32) for llama.cpp / Ollama")
+                   "gguf: one GGUF file for llama.cpp / Ollama, and NAME.Modelfile beside it")
+    p.add_argument("--dtype", choices=("f32", "f16", "bf16", "q8_0"), default="f32", help="the GGUF's precision "
+                   "(llama.cpp's names; norms stay f32): f32 (default), f16, bf16 or q8_0 (8-bit, smallest)")
     p.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
                    help="ema: the averaged weights of a run trained with --ema_decay; raw: the trained ones; auto "
                    "(default): ema when the checkpoint has them")
@@ -173,12 +187,15 @@ def main(argv: list[str] | None = None, prog: str = "export") -> int:
         if weights_file(src, ns.weights) == EMA_WEIGHTS:
             print(f"exporting the EMA weights of {src} ({EMA_WEIGHTS}; --weights raw for the trained ones)",
                   file=sys.stderr)
-        out = export(src, ns.out, ns.format, ns.weights)
+        out = export(src, ns.out, ns.format, ns.weights, ns.dtype)
     except (ValueError, OSError) as e:  # CheckpointError and LockedError are ValueErrors
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     if ns.format == "gguf":
-        print(f"wrote {out} (GGUF, llama architecture, float32)")
+        from storyllama.staging import modelfile_path
+
+        print(f"wrote {out} (GGUF, llama architecture, {ns.dtype}) and {modelfile_path(out)} "
+              f"(ollama create NAME -f {modelfile_path(out).name})")
     else:
         print(f"wrote {out} (config.json, model.safetensors, tokenizer.json, tokenizer_config.json, "
               "generation_config.json, meta.json, README.md)")

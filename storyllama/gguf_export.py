@@ -1,11 +1,16 @@
 """Export a checkpoint to one GGUF file (llama.cpp's format, written with its own `gguf` package).
 
-    bin/export --run RUN_DIR --format gguf --out story.gguf
+    bin/export --run RUN_DIR --format gguf [--dtype f32|f16|bf16|q8_0] --out story.gguf
+    (writes story.gguf and, beside it, story.Modelfile for `ollama create story -f story.Modelfile`)
 
 What llama.cpp reads for a Llama ("llama" architecture):
 - hyper-parameters: llama.context_length, embedding_length, block_count, feed_forward_length,
   attention.head_count(_kv), rope.dimension_count (head_dim), rope.freq_base, attention.layer_norm_rms_epsilon;
-- tensors under llama.cpp's names (token_embd, blk.N.attn_q, ..., output_norm, output), float32;
+- tensors under llama.cpp's names (token_embd, blk.N.attn_q, ..., output_norm, output), in the precision asked
+  for (`DTYPES`, llama.cpp's names), quantised by the gguf package itself (`gguf.quants.quantize`). As llama.cpp's
+  convert_hf_to_gguf.py does: 1-D tensors (the norms) stay float32; every matrix, token_embd and output included,
+  takes the file's type; a matrix whose rows are not whole Q8_0 blocks (32 values) falls back to f16, with a
+  warning; general.file_type says the file's type;
 - the tokenizer: tokenizer.ggml.model = "gpt2" (byte-level BPE), tokenizer.ggml.pre = "gpt-2" (our BPEs
   split text with GPT-2's pattern; llama.cpp cannot recognise a corpus-trained BPE by its hash, so we name
   it), the tokens in id order (byte-level strings, as in tokenizer.json), their types, the merges, and
@@ -16,21 +21,35 @@ What llama.cpp reads for a Llama ("llama" architecture):
 RoPE layout: our q and k rows are in the half-split layout (pairs (i, i + D/2) of each head, as in
 transformers); llama.cpp's Llama rotates adjacent pairs (2i, 2i + 1), Meta's original layout. So wq and wk
 are permuted per head: row i of the first half goes to 2i, row i of the second half to 2i + 1
-(`to_interleaved`). The model's padding rows past the tokenizer's vocabulary become unused tokens "[PADn]".
+(`to_interleaved`).
+
+Vocabulary: exactly the tokenizer's rows. The model's padding rows past the tokenizer (50,304 against GPT-2's
+50,257) are untrained and decode to nothing; they are cut from token_embd and output, so llama.cpp can never
+sample one, and llama.vocab_size is the tokenizer's size.
+
+Nothing in the file names a path of the machine that wrote it: `storyllama.exported_from` (the marker that the
+file is ours, see storyllama.staging) holds "RUN, step N".
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from storyllama.checkpoint import CheckpointError, load_model_config, read_weights, resolve, tokenizer_info
+from storyllama.checkpoint import CheckpointError, describe, load_model_config, read_weights, resolve, tokenizer_info
 from storyllama.config import ModelConfig
-from storyllama.staging import Staging, check_out
+from storyllama.staging import GGUF_MARKER, MODELFILE_HEADER, Staging, check_out, modelfile_path
+
+log = logging.getLogger(__name__)
+
+# --dtype (llama.cpp's names) -> (the matrices' GGML type name, general.file_type name), resolved in `_types`
+DTYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
+          "q8_0": ("Q8_0", "MOSTLY_Q8_0")}
 
 # our name -> llama.cpp's, per layer
 _LAYER = {
@@ -60,11 +79,13 @@ def to_half_split(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, d // 2, 2, cols).transpose(1, 2).reshape(rows, cols)  # (H, 2, D/2, C) -> (H*D, C)
 
 
-def gguf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """Our state dict -> llama.cpp's tensor names and layout (float32 numpy arrays)."""
-    out = {"token_embd.weight": state["tok_embeddings.weight"], "output_norm.weight": state["norm.weight"]}
+def gguf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig, n_vocab: int | None = None) -> dict[str, np.ndarray]:
+    """Our state dict -> llama.cpp's tensor names and layout (float32 numpy arrays); token_embd and output keep
+    their first `n_vocab` rows (the tokenizer's), all of them when None."""
+    rows = slice(0, n_vocab)
+    out = {"token_embd.weight": state["tok_embeddings.weight"][rows], "output_norm.weight": state["norm.weight"]}
     if not cfg.tie_embeddings:
-        out["output.weight"] = state["output.weight"]  # absent: llama.cpp uses token_embd for the head
+        out["output.weight"] = state["output.weight"][rows]  # absent: llama.cpp uses token_embd for the head
     for i in range(cfg.n_layers):
         for ours, theirs in _LAYER.items():
             w = state[f"layers.{i}.{ours}"]
@@ -76,13 +97,37 @@ def gguf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, 
     return {k: v.detach().to(torch.float32).contiguous().numpy() for k, v in out.items()}
 
 
+def _types(dtype: str):
+    import gguf
+
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r} is not known: use one of {', '.join(DTYPES)}")
+    qtype, ftype = DTYPES[dtype]
+    return gguf.GGMLQuantizationType[qtype], gguf.LlamaFileType[ftype]
+
+
+def quantize_tensor(name: str, arr: np.ndarray, dtype: str):
+    """(data, GGML type) for one float32 tensor in the file's precision `dtype`: 1-D tensors stay F32; a matrix
+    takes the dtype through gguf.quants.quantize, or F16 when its rows are not whole blocks (llama.cpp's
+    converter does the same)."""
+    import gguf
+
+    qtype = _types(dtype)[0] if arr.ndim >= 2 else gguf.GGMLQuantizationType.F32
+    try:
+        return gguf.quants.quantize(arr, qtype), qtype
+    except gguf.QuantError as e:
+        log.warning("%s: %s; writing it as F16 (as llama.cpp's converter does)", name, e)
+        return gguf.quants.quantize(arr, gguf.GGMLQuantizationType.F16), gguf.GGMLQuantizationType.F16
+
+
 def gguf_vocab(ckpt: Path, tok: dict, cfg: ModelConfig) -> dict:
-    """The tokenizer as llama.cpp wants it: model, pre, tokens (one per embedding row), types, merges or scores.
+    """The tokenizer as llama.cpp wants it: model, pre, tokens (exactly the tokenizer's, in id order), types,
+    merges or scores, and the end-of-text token's text ("eot_text").
 
     - our tiktoken ranks, or an imported byte-level BPE tokenizer.json: model "gpt2", pre "gpt-2", merges;
     - an imported SentencePiece-style tokenizer.json (Llama-2's, llama2.c's: byte fallback, "▁" for spaces):
       model "llama", scores (minus the rank of the merge that makes each token), byte tokens.
-    Rows past the tokenizer (padding to a multiple of 64) become unused tokens "[PADn]".
+    The model's rows past the tokenizer (padding to a multiple of 64) are not tokens: the export cuts them.
     """
     import gguf
 
@@ -145,35 +190,51 @@ def gguf_vocab(ckpt: Path, tok: dict, cfg: ModelConfig) -> dict:
             raise ValueError(f"checkpoint {ckpt}: its tokenizer.json is neither byte-level nor SentencePiece-style "
                              "with byte fallback; convert the --format hf export with llama.cpp's "
                              "convert_hf_to_gguf.py")
-    pad = cfg.vocab_size - len(out["tokens"])
-    if pad < 0:
+    if len(out["tokens"]) > cfg.vocab_size:
         raise CheckpointError(f"checkpoint {ckpt}: the tokenizer has {len(out['tokens']):,} tokens, the model "
                               f"{cfg.vocab_size:,} rows")
-    out["tokens"] = out["tokens"] + [f"[PAD{i}]" for i in range(pad)]
-    out["types"] = out["types"] + [T.UNUSED] * pad
-    if out.get("scores") is not None:
-        out["scores"] = out["scores"] + [0.0] * pad
+    if not 0 <= eot_id < len(out["tokens"]):
+        raise CheckpointError(f"checkpoint {ckpt}: eot_id {eot_id} is not one of the tokenizer's "
+                              f"{len(out['tokens']):,} tokens")
+    out["eot_text"] = out["tokens"][eot_id]
     return out
 
 
-def export_gguf(path: str | Path, out: str | Path, weights: str = "auto") -> Path:
-    """Write checkpoint `path` (or a run's latest) as the GGUF file `out` (weights: see checkpoint.weights_file);
-    returns `out`."""
+def modelfile_text(gguf_name: str, eot_text: str, n_ctx: int, source: str) -> str:
+    """The Ollama Modelfile beside the GGUF: the file, the raw prompt (a story model has no chat template), the
+    end-of-text stop and the trained context (Ollama's default num_ctx is not the model's)."""
+    stop = eot_text.replace("\\", "\\\\").replace('"', '\\"')
+    return (f"{MODELFILE_HEADER}\n"
+            f"# from {source}: ollama create NAME -f {Path(gguf_name).stem}.Modelfile && ollama run NAME 'Once upon'\n"
+            f"FROM ./{gguf_name}\n"
+            'TEMPLATE "{{ .Prompt }}"\n'
+            f'PARAMETER stop "{stop}"\n'
+            f"PARAMETER num_ctx {n_ctx}\n")
+
+
+def export_gguf(path: str | Path, out: str | Path, weights: str = "auto", dtype: str = "f32") -> Path:
+    """Write checkpoint `path` (or a run's latest) as the GGUF file `out` in precision `dtype` (see `DTYPES`),
+    and the Ollama Modelfile beside it (`staging.modelfile_path`); weights: see checkpoint.weights_file.
+    Returns `out`."""
     import gguf
 
+    _, ftype = _types(dtype)
     ckpt = resolve(path)
     cfg = load_model_config(ckpt)
     out = Path(out)
     check_out(out, kind="file")
     tok = tokenizer_info(ckpt)
     vocab = gguf_vocab(ckpt, tok, cfg)
+    n_vocab = len(vocab["tokens"])
     state = read_weights(ckpt, weights)  # checked against the checkpoint's checksums
+    source = describe(ckpt)  # "RUN, step N": no path of this machine goes into the file
+    mf = modelfile_path(out)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with Staging(out) as tmp:
         w = gguf.GGUFWriter(str(tmp / out.name), "llama")
         w.add_name(out.stem)
-        w.add_string("storyllama.exported_from", str(ckpt))  # marks the file as ours (a re-export may replace it)
+        w.add_string(GGUF_MARKER, source)  # marks the file as ours (a re-export may replace it)
         w.add_context_length(cfg.block_size)
         w.add_embedding_length(cfg.dim)
         w.add_block_count(cfg.n_layers)
@@ -183,8 +244,9 @@ def export_gguf(path: str | Path, out: str | Path, weights: str = "auto") -> Pat
         w.add_rope_dimension_count(cfg.head_dim)
         w.add_rope_freq_base(cfg.rope_theta)
         w.add_layer_norm_rms_eps(cfg.norm_eps)
-        w.add_vocab_size(cfg.vocab_size)
-        w.add_file_type(gguf.LlamaFileType.ALL_F32)
+        w.add_vocab_size(n_vocab)  # the tokenizer's rows only (the model's padding rows are cut)
+        w.add_file_type(ftype)
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         w.add_tokenizer_model(vocab["model"])
         if vocab.get("pre"):
             w.add_tokenizer_pre(vocab["pre"])
@@ -199,16 +261,20 @@ def export_gguf(path: str | Path, out: str | Path, weights: str = "auto") -> Pat
         w.add_add_bos_token(vocab["add_bos"])
         if vocab["model"] == "llama":
             w.add_add_space_prefix(True)
-        for name, arr in gguf_tensors(state, cfg).items():
-            w.add_tensor(name, arr)
+        for name, arr in gguf_tensors(state, cfg, n_vocab).items():
+            data, qtype = quantize_tensor(name, arr, dtype)
+            w.add_tensor(name, data, raw_dtype=qtype)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        with open(tmp / out.name, "rb") as f:
-            os.fsync(f.fileno())
-        check_out(out, kind="file")
+        (tmp / mf.name).write_text(modelfile_text(out.name, vocab["eot_text"], cfg.block_size, source))
+        for name in (out.name, mf.name):
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        check_out(out, kind="file")  # again, now that the files are written: nothing changed underneath us
         os.replace(tmp / out.name, out)
+        os.replace(tmp / mf.name, mf)  # after the GGUF: an old Modelfile names the same ./NAME.gguf
     return out
 
 

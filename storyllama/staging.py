@@ -1,6 +1,7 @@
 """Where writers (bin/export, bin/import) stage their output: a locked temporary sibling of --out, filled, then
 renamed into place; and the rule for which --out they may replace (nothing, an empty directory, or an earlier
-export whose marker lists every file in it)."""
+export whose marker lists every file in it; for a GGUF --out: nothing or an earlier GGUF export, and beside it nothing
+or the Ollama Modelfile an earlier export wrote)."""
 
 from __future__ import annotations
 
@@ -19,12 +20,19 @@ MARKER = ".storyllama-export.json"
 def check_out(out: Path, kind: str = "directory") -> None:
     """Refuse an --out that is not ours to replace: anything but nothing, an empty directory or an earlier export
     whose marker lists every file in it."""
-    if not out.exists() and not out.is_symlink():
-        return
-    if kind == "file":
-        if out.is_dir() or not _is_our_gguf(out):
+    if kind == "file":  # a GGUF file, and the Ollama Modelfile written beside it
+        if (out.exists() or out.is_symlink()) and (out.is_dir() or not _is_our_gguf(out)):
             raise ValueError(f"--out {out} exists and is not a GGUF file an earlier export wrote; choose a new path "
                              "(nothing was changed)")
+        mf = modelfile_path(out)
+        if mf == out:
+            raise ValueError(f"--out {out}: name the GGUF file NAME.gguf (the Modelfile is written beside it as "
+                             "NAME.Modelfile)")
+        if (mf.exists() or mf.is_symlink()) and not _is_our_modelfile(mf):
+            raise ValueError(f"--out {out}: {mf} beside it exists and was not written by bin/export (the export writes "
+                             f"its Ollama Modelfile there); move it or choose a new path (nothing was changed)")
+        return
+    if not out.exists() and not out.is_symlink():
         return
     if not out.is_dir() or out.is_symlink():
         raise ValueError(f"--out {out} exists and is not a directory; choose a new path (nothing was changed)")
@@ -47,6 +55,26 @@ def check_out(out: Path, kind: str = "directory") -> None:
                          f"({', '.join(foreign[:3])}); move them or choose a new path (nothing was changed)")
 
 
+GGUF_MARKER = "storyllama.exported_from"  # a GGUF metadata key: the file is ours (its value: "RUN, step N")
+MODELFILE_HEADER = "# Ollama Modelfile written by storyllama export"  # the first line of every Modelfile of ours
+
+
+def modelfile_path(gguf: Path) -> Path:
+    """The Ollama Modelfile written beside GGUF file `gguf`: NAME.Modelfile for NAME.gguf (so two GGUFs in one
+    directory each have their own)."""
+    return gguf.with_name(gguf.stem + ".Modelfile")
+
+
+def _is_our_modelfile(path: Path) -> bool:
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        with open(path, "rb") as f:
+            return f.readline().rstrip(b"\r\n") == MODELFILE_HEADER.encode()
+    except OSError:
+        return False
+
+
 def _is_our_gguf(path: Path) -> bool:
     try:
         with open(path, "rb") as f:
@@ -54,7 +82,7 @@ def _is_our_gguf(path: Path) -> bool:
                 return False
         from gguf import GGUFReader
 
-        return "storyllama.exported_from" in GGUFReader(str(path)).fields
+        return GGUF_MARKER in GGUFReader(str(path)).fields
     except Exception:  # unreadable, not GGUF, or gguf missing: not provably ours
         return False
 

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from tiny_checkpoint import EOT_ID, N_VOCAB, save_checkpoint, tiny_model
@@ -250,56 +249,7 @@ def gguf_export(request, tmp_path_factory):
     return model, export(ckpt, tmp / "story.gguf", format="gguf")
 
 
-def test_gguf_tensors_equal_the_checkpoint_after_the_rope_permutation(gguf_export):
-    from storyllama.gguf_export import to_half_split
-
-    model, path = gguf_export
-    cfg = model.cfg
-    sd = model.state_dict()
-    reader = gguf.GGUFReader(str(path))
-    got = {t.name: torch.from_numpy(np.array(t.data)).reshape([int(x) for x in reversed(t.shape)])
-           for t in reader.tensors}
-    want = {"token_embd.weight": sd["tok_embeddings.weight"], "output_norm.weight": sd["norm.weight"]}
-    if not cfg.tie_embeddings:
-        want["output.weight"] = sd["output.weight"]
-    names = {"attn_norm": "attention_norm", "attn_q": "attention.wq", "attn_k": "attention.wk",
-             "attn_v": "attention.wv", "attn_output": "attention.wo", "ffn_norm": "ffn_norm",
-             "ffn_gate": "feed_forward.w1", "ffn_up": "feed_forward.w3", "ffn_down": "feed_forward.w2"}
-    for i in range(cfg.n_layers):
-        for theirs, ours in names.items():
-            want[f"blk.{i}.{theirs}.weight"] = sd[f"layers.{i}.{ours}.weight"]
-    assert set(got) == set(want)
-    for name, w in want.items():
-        g = got[name]
-        if ".attn_q." in name:
-            g = to_half_split(g, cfg.n_heads)
-        elif ".attn_k." in name:
-            g = to_half_split(g, cfg.n_kv_heads)
-        assert g.dtype == torch.float32
-        torch.testing.assert_close(g, w, rtol=0, atol=0, msg=name)
-    # the permutation is not the identity: the stored q rows are not ours as they are
-    assert not torch.equal(got["blk.0.attn_q.weight"], sd["layers.0.attention.wq.weight"])
-
-
-def test_gguf_metadata_is_what_llama_cpp_needs(gguf_export):
-    from storyllama.gguf_export import gguf_metadata
-
-    model, path = gguf_export
-    cfg = model.cfg
-    m = gguf_metadata(path)
-    assert m["general.architecture"] == "llama"
-    assert (m["llama.context_length"], m["llama.embedding_length"], m["llama.block_count"]) == (64, 64, 2)
-    assert (m["llama.feed_forward_length"], m["llama.attention.head_count"], m["llama.attention.head_count_kv"]) == (
-        96, 4, 2)
-    assert m["llama.rope.dimension_count"] == cfg.head_dim and m["llama.rope.freq_base"] == 500.0
-    assert abs(m["llama.attention.layer_norm_rms_epsilon"] - cfg.norm_eps) < 1e-9
-    assert m["tokenizer.ggml.model"] == "gpt2" and m["tokenizer.ggml.pre"] == "gpt-2"
-    tokens, types = m["tokenizer.ggml.tokens"], m["tokenizer.ggml.token_type"]
-    assert len(tokens) == len(types) == cfg.vocab_size == 320
-    assert tokens[EOT_ID] == "<|endoftext|>" and types[EOT_ID] == gguf.TokenType.CONTROL
-    assert tokens[ord("A")] == "A" and tokens[ord(" ")] == "\u0120"  # byte-level: a space is written as "Ġ"
-    assert types[N_VOCAB:] == [gguf.TokenType.UNUSED] * (320 - N_VOCAB) and tokens[N_VOCAB] == "[PAD0]"
-    assert m["tokenizer.ggml.eos_token_id"] == EOT_ID and m["tokenizer.ggml.add_bos_token"] is False
+# Every field and tensor of the GGUF, in each precision, is checked in tests/test_gguf.py.
 
 
 def test_gguf_carries_the_bpe_merges(tmp_path):

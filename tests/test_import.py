@@ -366,12 +366,14 @@ def test_imported_runs_export_to_gguf_with_their_tokenizer(tmp_path):
     assert m["tokenizer.ggml.model"] == "gpt2" and m["tokenizer.ggml.pre"] == "gpt-2"
     assert m["tokenizer.ggml.tokens"][:300] == sorted(vocab["vocab"], key=vocab["vocab"].get)
     assert len(m["tokenizer.ggml.merges"]) == len(vocab["merges"]) and m["tokenizer.ggml.eos_token_id"] == 0
-    assert m["tokenizer.ggml.token_type"][0] == gguf.TokenType.CONTROL and len(m["tokenizer.ggml.tokens"]) == 320
+    assert m["tokenizer.ggml.token_type"][0] == gguf.TokenType.CONTROL and len(m["tokenizer.ggml.tokens"]) == 300
+    assert m["llama.vocab_size"] == 300  # the tokenizer's rows: the model's 20 padding rows are not tokens
 
     pt, _, _ = write_llama2c(tmp_path / "l2c")
     m = gguf_metadata(export(import_model(pt, tmp_path / "run_l2c"), tmp_path / "l2c.gguf", format="gguf"))
     tokens, types = m["tokenizer.ggml.tokens"], m["tokenizer.ggml.token_type"]
-    assert m["tokenizer.ggml.model"] == "llama" and len(tokens) == 448 and tokens[:3] == ["<unk>", "<s>", "</s>"]
+    assert m["tokenizer.ggml.model"] == "llama" and len(tokens) == 400 and tokens[:3] == ["<unk>", "<s>", "</s>"]
+    assert m["llama.vocab_size"] == 400  # the SentencePiece model's 400 pieces; the model's 448 rows are cut
     assert types[:4] == [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL, gguf.TokenType.BYTE]
     assert tokens[3] == "<0x00>"
     merges = json.loads((tmp_path / "run_l2c" / "tokenizer.json").read_text())["model"]["merges"]
