@@ -37,11 +37,16 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bin/bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("-k", default=None, help="only benchmarks matching this pytest -k expression (default: all)")
+    p.add_argument("paths", nargs="*", default=[str(ROOT / "benchmarks")],
+                   help="benchmark files or directories to run (default: benchmarks/)")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("-k", default=None, help="only benchmarks matching this pytest -k expression")
-    p.add_argument("paths", nargs="*", default=[str(ROOT / "benchmarks")])
-    a = p.parse_args(argv)
+    a = build_parser().parse_args(argv)
     results = ROOT / "benchmarks" / "results"
     results.mkdir(parents=True, exist_ok=True)
     out = results / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -191,23 +191,30 @@ def table(rows: list[tuple[str, Score]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None, prog: str = "instruct_score") -> int:
-    import torch
-
-    from storyllama.checkpoint import add_trust_flag, trust_unverified
+def build_parser(prog: str = "instruct_score"):
+    from storyllama.checkpoint import add_trust_flag
     from storyllama.config import OneLineErrorParser
-    from storyllama.sample import load_for_sampling
 
     p = OneLineErrorParser(prog=prog, description="Score story requests: word inclusion and feature rates of each "
                            "model on a fixed set of held-out built-in requests.")
     p.add_argument("--run", action="append", required=True, help="a run or checkpoint directory (repeatable)")
     p.add_argument("--requests", type=int, default=200, help="held-out requests each model answers (default 200)")
-    p.add_argument("--seed", type=int, default=4242, help="seed of the held-out requests (the corpus uses 1337)")
+    p.add_argument("--seed", type=int, default=4242, help="seed of the held-out requests (default 4242; the corpus "
+                   "uses 1337)")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
     p.add_argument("--max_new_tokens", type=int, default=220, help="new tokens per story at most (default 220)")
-    p.add_argument("--show", type=int, default=1, help="print this many stories of each model")
+    p.add_argument("--show", type=int, default=1, help="print this many stories of each model (default 1)")
     add_trust_flag(p)
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str = "instruct_score") -> int:
+    import torch
+
+    from storyllama.checkpoint import trust_unverified
+    from storyllama.sample import load_for_sampling
+
+    a = build_parser(prog).parse_args(argv)
     trust_unverified(a.trust_unverified)
     requests = held_out_requests(a.requests, a.seed)
     rows = []

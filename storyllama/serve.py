@@ -524,8 +524,8 @@ def build_app(store: ModelStore, runs: list[str] | ServedRuns, watch_every: floa
     return app
 
 
-def main(argv: list[str] | None = None, prog: str = "serve") -> int:
-    from storyllama.checkpoint import add_trust_flag, trust_unverified
+def build_parser(prog: str = "serve"):
+    from storyllama.checkpoint import add_trust_flag
     from storyllama.config import OneLineErrorParser
 
     p = OneLineErrorParser(prog=prog, description="The Story studio: write stories and watch runs in a web page.")
@@ -543,7 +543,13 @@ def main(argv: list[str] | None = None, prog: str = "serve") -> int:
     p.add_argument("--max_models", type=int, default=2, help="models kept in memory, the most recently used "
                    "(default 2)")
     add_trust_flag(p)
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str = "serve") -> int:
+    from storyllama.checkpoint import trust_unverified
+
+    a = build_parser(prog).parse_args(argv)
     trust_unverified(a.trust_unverified)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     store = ModelStore(a.device, a.dtype, a.max_models)
