@@ -197,6 +197,11 @@ def gguf_vocab(ckpt: Path, tok: dict, cfg: ModelConfig) -> dict:
         raise CheckpointError(f"checkpoint {ckpt}: eot_id {eot_id} is not one of the tokenizer's "
                               f"{len(out['tokens']):,} tokens")
     out["eot_text"] = out["tokens"][eot_id]
+    if out["model"] == "gpt2" and not out["merges"] and " " not in out["eot_text"]:
+        # A vocabulary of single bytes has no merges, but llama.cpp refuses a gpt2 tokenizer without the merges
+        # key, and the gguf package writes no empty array: one merge that can never apply (BPE starts from single
+        # characters and no merge makes the multi-character EOT text, so the pair never forms).
+        out["merges"] = [f"{out['eot_text']} {out['eot_text']}"]
     return out
 
 

@@ -117,7 +117,7 @@ def test_every_field_is_what_llama_cpp_reads(exports, dtype):
     tokens = [hf_tok.id_to_token(i) for i in range(N_VOCAB)]
     assert tokens[EOT_ID] == "<|endoftext|>" and tokens[ord(" ")] == "\u0120" and hf_tok.get_vocab_size() == N_VOCAB
     want = {
-        "GGUF.version": 3, "GGUF.tensor_count": 2 + (not cfg.tie_embeddings) + 9 * cfg.n_layers, "GGUF.kv_count": 22,
+        "GGUF.version": 3, "GGUF.tensor_count": 2 + (not cfg.tie_embeddings) + 9 * cfg.n_layers, "GGUF.kv_count": 23,
         "general.architecture": "llama", "general.name": f"story-{dtype}",
         "storyllama.exported_from": "run, step 10",
         "llama.context_length": cfg.block_size, "llama.embedding_length": cfg.dim, "llama.block_count": cfg.n_layers,
@@ -127,12 +127,14 @@ def test_every_field_is_what_llama_cpp_reads(exports, dtype):
         "general.file_type": int(DTYPES[dtype][1]), "general.quantization_version": gguf.GGML_QUANT_VERSION,
         "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2", "tokenizer.ggml.tokens": tokens,
         "tokenizer.ggml.token_type": [T.NORMAL] * EOT_ID + [T.CONTROL],
+        # single bytes have no merges; llama.cpp needs the key: one that never applies (two multi-character parts)
+        "tokenizer.ggml.merges": ["<|endoftext|> <|endoftext|>"],
         "tokenizer.ggml.bos_token_id": EOT_ID, "tokenizer.ggml.eos_token_id": EOT_ID,
         "tokenizer.ggml.add_bos_token": False,
     }
     eps = meta.pop("llama.attention.layer_norm_rms_epsilon")
     assert abs(eps - cfg.norm_eps) < 1e-9 * cfg.norm_eps + 1e-12
-    assert meta == want  # every field: none missing, none extra (no [PADn] token, no merges for a byte tokenizer)
+    assert meta == want  # every field: none missing, none extra (no [PADn] token)
 
 
 def test_file_sizes_shrink_with_the_precision(exports):
