@@ -10,7 +10,7 @@ LOCK    := constraints.txt
 LATEST  := .venv-latest
 PYTEST_ARGS ?=
 
-.PHONY: demo instruct test test-latest lock bench lint clean serve
+.PHONY: demo instruct test test-latest lock bench lint clean serve llama-cpp-check
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -63,6 +63,14 @@ serve: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bin/bench
+
+# A run's GGUF exports (each --dtype) checked in llama.cpp: ids, logits, greedy text, top-1 and bits per byte against
+# ours, file sizes, tokens/s of both engines. Installs the `llama` extra when missing (llama-cpp-python builds from
+# source: several minutes). RUN=runs/demo by default; CHECK_ARGS="--threads 2 --json out.json" passes flags on.
+RUN ?= runs/demo
+llama-cpp-check: $(STAMP)
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || $(BIN)/pip install -q -c $(LOCK) -e '.[llama]'
+	$(BIN)/python benchmarks/llama_cpp_check.py --run $(RUN) $(CHECK_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
