@@ -80,9 +80,8 @@ PATH = re.compile(r"(?<![\w/.-])((?:bin|benchmarks|data_prep|docs|examples|kerne
                   r"(?:::(\w+))?")
 
 
-def code_lines(text: str) -> list[str]:
-    """The lines of fenced code blocks (continuations joined, VAR="..." assignments expanded in later lines)
-    and every inline `code` span (which may wrap onto the next line)."""
+def fenced_lines(text: str) -> list[str]:
+    """The lines of fenced code blocks, continuations joined, VAR="..." assignments expanded in later lines."""
     lines = []
     for block in re.findall(r"^```[\w-]*\n(.*?)^```", text, flags=re.S | re.M):
         env: dict[str, str] = {}
@@ -91,6 +90,12 @@ def code_lines(text: str) -> list[str]:
             if m := re.match(r"\s*([A-Z_]+)=\"([^\"]*)\"\s*$", line):
                 env[m.group(1)] = m.group(2)
             lines.append(line)
+    return lines
+
+
+def code_lines(text: str) -> list[str]:
+    """fenced_lines(text) and every inline `code` span (which may wrap onto the next line)."""
+    lines = fenced_lines(text)
     prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
     lines += [s.replace("\n", " ") for s in re.findall(r"`((?:[^`\n]|\n(?!\s*\n))+)`", prose)]
     return lines
@@ -145,6 +150,9 @@ def drift(text: str, page: Path = ROOT / "README.md") -> list[str]:
             problems += [f"{tool}: no parser known for {' '.join(flags)}"] if flags else []
             continue
         problems += [f"{tool} {f}" for f in flags if f not in known_options(tool)]
+    for line in fenced_lines(text):  # flags on a line of their own: a continuation without its `\`
+        if re.match(r"\s*\[?--?[A-Za-z]", line):
+            problems.append(f"flags without a command: {line.strip()[:50]}")
     for line in code_lines(text):
         for path, test in PATH.findall(line):
             if not (ROOT / path).exists():
@@ -162,6 +170,12 @@ def test_every_documented_flag_target_path_and_link_exists(page):
     assert drift(page.read_text(), page) == []
 
 
+@pytest.mark.parametrize("script", sorted((ROOT / "examples").rglob("*.sbatch")), ids=lambda p: p.name)
+def test_the_launchers_commands_exist_too(script):
+    text = script.read_text()
+    assert "bin/train" in text and drift(f"```bash\n{text}\n```\n", script) == []
+
+
 def test_the_checker_sees_every_kind_of_command_and_catches_drift():
     text = (ROOT / "README.md").read_text()
     found = {tool for tool, _ in commands(text)}
@@ -170,12 +184,13 @@ def test_the_checker_sees_every_kind_of_command_and_catches_drift():
     # torchrun ... bin/train, a continuation line, an optional [--flag X], VAR="..." then $VAR, make ... && make ...
     md = ("```bash\ntorchrun --standalone --nproc_per_node=2 bin/train --data D \\\n    --out R [--no_such_flag N]\n"
           'T="--batch_size 16 \\\n   --no_such_var_flag 1"\nbin/train --data D $T ...\n'
-          "make test-latest && make no-such-target\n```\n"
+          "make test-latest && make no-such-target\nbin/serve --run R\n  [--port 8000]\n```\n"
           "Prose with `bin/sample --run R\n--tempreature 0.8` wrapped, and `bin/train --out R --resume auto`.\n"
           "A [link](no/such/page.md), `tests/test_docs.py::test_no_such_test`, `examples/no_such.sbatch`.\n")
     assert drift(md) == ["bin/train --no_such_flag", "bin/train --no_such_var_flag", "make no-such-target",
-                         "bin/sample --tempreature", "tests/test_docs.py::test_no_such_test: no such test",
-                         "examples/no_such.sbatch: no such file", "link no/such/page.md: no such file"]
+                         "bin/sample --tempreature", "flags without a command: [--port 8000]",
+                         "tests/test_docs.py::test_no_such_test: no such test", "examples/no_such.sbatch: no such file",
+                         "link no/such/page.md: no such file"]
     # a flag renamed in a real page is reported where the page uses it
     page = ROOT / "docs" / "training.md"
     renamed = page.read_text().replace("--total_batch_size", "--total_batch_tokens")
