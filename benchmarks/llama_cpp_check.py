@@ -243,7 +243,7 @@ def table(res: dict) -> str:
     for r in res["rows"]:
         lines.append(f"| {r['dtype']} | {r['file_mb']:.2f} | {r['ids_equal']}/{r['ids_total']} | "
                      f"{r['max_dlogit']:.2e} | {'yes' if r['greedy_equal'] else 'no'} | {100 * r['top1']:.2f}% | "
-                     f"{r['bpb']:.4f} | {100 * r['bpb_rel']:+.3f}% | {100 * r['bpb_bound']:.1f}% | "
+                     f"{r['bpb']:.4f} | {100 * r['bpb_rel']:+.4f}% | {100 * r['bpb_bound']:.1f}% | "
                      f"{r['cpp_tok_s']:.0f} | {r['ours_tok_s']:.0f} ({r['ours_dtype']}) | "
                      f"{'yes' if r['ok'] else 'NO'} |")
     return "\n".join(lines)

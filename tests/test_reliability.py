@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from procs import Proc
 from safetensors.torch import load_file, save_file
 
 from storyllama import checkpoint
@@ -30,24 +31,6 @@ def train_cmd(builtin_data: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "bin/train", "--data", str(builtin_data), "--out", str(out), *SHAPE, *extra]
 
 
-def start(cmd: list[str], **env: str) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **env},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for_line(proc: subprocess.Popen, stream: str, needle: str, timeout: float = 120) -> None:
-    pipe = getattr(proc, stream)
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        line = pipe.readline()
-        if needle in line:
-            return
-        if not line and proc.poll() is not None:
-            break
-    proc.kill()
-    raise AssertionError(f"{needle!r} never appeared on {stream}; exit code {proc.poll()}")
-
-
 def steps_logged(run_dir: Path) -> list[int]:
     return [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
@@ -55,12 +38,13 @@ def steps_logged(run_dir: Path) -> list[int]:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_preemption_signal_checkpoints_and_exits_zero(builtin_data, tmp_path, sig):
     out = tmp_path / "run"
-    proc = start(train_cmd(builtin_data, out, "--total_iters", "100000", "--save_interval", "100000"))
-    wait_for_line(proc, "stderr", "training 100000 steps")
+    proc = Proc(train_cmd(builtin_data, out, "--total_iters", "100000", "--save_interval", "100000"),
+                tmp_path / "log")
+    proc.wait_for_line("training 100000 steps")
     time.sleep(3)  # some steps
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-2000:]
+    rc, err = proc.finish()
+    assert rc == 0, err[-2000:]
     assert "--resume auto" in err and "stopped by a signal" in err
     ckpt = checkpoint.resolve(out)
     stopped_at = checkpoint.load_state(ckpt)["step"]
@@ -74,11 +58,10 @@ def test_preemption_signal_checkpoints_and_exits_zero(builtin_data, tmp_path, si
 
 def test_sigkill_inside_a_save_keeps_the_previous_checkpoint(builtin_data, tmp_path):
     out = tmp_path / "run"
-    proc = start(train_cmd(builtin_data, out, "--total_iters", "8", "--save_interval", "2"),
-                 STORYLLAMA_TEST_PAUSE_IN_SAVE="step_000004")
-    wait_for_line(proc, "stdout", "STORYLLAMA_TEST_PAUSED step_000004")
+    proc = Proc(train_cmd(builtin_data, out, "--total_iters", "8", "--save_interval", "2"), tmp_path / "log",
+                STORYLLAMA_TEST_PAUSE_IN_SAVE="step_000004")
+    proc.wait_for_line("STORYLLAMA_TEST_PAUSED step_000004", "stdout")
     proc.kill()
-    proc.wait()
     root = out / "checkpoints"
     assert (root / "latest").read_text().strip() == "step_000002"
     assert not (root / "step_000004").exists()

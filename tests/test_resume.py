@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from procs import Proc
 from safetensors.torch import load_file
 
 from storyllama import checkpoint
@@ -74,14 +74,10 @@ def test_the_advised_resume_line_continues_the_same_run(builtin_data, tmp_path, 
 
 def test_a_second_trainer_on_the_same_run_is_refused(builtin_data, tmp_path):
     out = tmp_path / "run"
-    first = subprocess.Popen([sys.executable, "bin/train", *args(builtin_data, out, "--batch_size", "2",
-                              "--total_iters", "4", "--save_interval", "2")], cwd=ROOT, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             env={**__import__("os").environ, "STORYLLAMA_TEST_PAUSE_IN_SAVE": "step_000002"})
+    first = Proc([sys.executable, "bin/train", *args(builtin_data, out, "--batch_size", "2", "--total_iters", "4",
+                 "--save_interval", "2")], tmp_path / "log", STORYLLAMA_TEST_PAUSE_IN_SAVE="step_000002")
     try:
-        t0 = time.time()
-        while "STORYLLAMA_TEST_PAUSED" not in first.stdout.readline():
-            assert first.poll() is None and time.time() - t0 < 120, "the first trainer never reached its save"
+        first.wait_for_line("STORYLLAMA_TEST_PAUSED", "stdout")
         before = (out / "metrics.jsonl").read_bytes()
         second = subprocess.run([sys.executable, "bin/train", *args(builtin_data, out, "--resume", "auto")], cwd=ROOT,
                                 capture_output=True, text=True, timeout=120)
@@ -91,7 +87,6 @@ def test_a_second_trainer_on_the_same_run_is_refused(builtin_data, tmp_path):
         assert (out / "metrics.jsonl").read_bytes() == before
     finally:
         first.kill()
-        first.wait()
     # the lock died with the killed process: the run resumes
     assert train_main(args(builtin_data, out, "--resume", "auto")) == 0
 
