@@ -49,6 +49,9 @@ from pathlib import Path
 
 import numpy as np
 
+from storyllama.inputs import InputError
+from storyllama.inputs import field as input_field
+
 from .encode import map_in_order
 from .sources import json_lines
 
@@ -243,9 +246,17 @@ def pair_from_record(obj, where: str) -> tuple[Request, str]:
         raise InstructError(f"{where} has no non-empty string 'story' field; each record must look like "
                             '{"request": "...", "story": "..."} or {"words": [...], "features": [...], "story": ...}')
     try:
+        for key in ("words", "features"):  # a list of strings, or one comma-separated string
+            value = obj.get(key)
+            if value is not None and not (isinstance(value, str) or (isinstance(value, list)
+                                                                     and all(isinstance(x, str) for x in value))):
+                raise InstructError(f"{key!r} must be a list of strings or a comma-separated string, got "
+                                    f"{type(value).__name__} {str(value)[:40]}")
+        for key in ("summary", "random_sentence", "request"):
+            input_field(obj, key, "the record", str, required=False)
         req = Request.make(obj.get("words"), obj.get("features"), obj.get("summary"), obj.get("random_sentence"),
                            obj.get("request"), strict=False)
-    except InstructError as e:
+    except (InstructError, InputError) as e:
         raise InstructError(f"{where}: {e}") from None
     if req.is_empty():
         raise InstructError(f"{where} has a story but no request (request, words, features or summary)")
@@ -266,7 +277,9 @@ def read_pairs(path: str | Path) -> Iterator[tuple[Request, str]]:
     if reader is None:
         raise InstructError(f"{path}: request/story pairs are read from {', '.join(READERS)} files, not "
                             f"{path.suffix!r}")
-    return reader(path)
+    from .sources import text_named
+
+    return text_named(path, reader(path), InstructError)
 
 
 def encode_pairs(enc, pairs: Iterable[tuple[Request, str]], dtype: np.dtype, num_proc: int) -> Iterator[EncodedPairs]:

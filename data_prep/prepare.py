@@ -48,6 +48,7 @@ from tqdm import tqdm
 
 from storyllama.config import OneLineErrorParser
 from storyllama.locking import LOCK_NAME, DirLock
+from storyllama.inputs import SEED, NumberError, Real, Whole
 
 from . import builtin, instruct, sources
 from .encode import encode_documents
@@ -115,6 +116,13 @@ class PrepareOptions:
     instruct: bool = False  # request/story pairs: shards with loss masks (data_prep/instruct.py)
 
 
+# The ranges of the numbers above (storyllama.inputs); the flags are read through them too.
+SHARD_TOKENS = Whole(MIN_SHARD_TOKENS, 2**32)
+BUILTIN_STORIES = Whole(2, 10_000_000)  # 10 million built-in stories: about 2 billion tokens, 4 GB of shards
+BPE_TRAIN_MB = Real(0, 100_000, low_open=True)
+VAL_FRACTION = Real(0, 1, low_open=True, high_open=True)
+
+
 def default_num_proc() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -139,23 +147,22 @@ def _identity(o: PrepareOptions) -> dict:
         raise PrepareError("give --val FILE... or --val_fraction F, not both")
     if o.dataset and o.val_fraction is not None:
         raise PrepareError(f"--dataset {o.dataset} has its own validation split; drop --val_fraction")
-    if o.shard_tokens < MIN_SHARD_TOKENS:
-        raise PrepareError(f"--shard_tokens {o.shard_tokens:,} is too small: shards hold at least {MIN_SHARD_TOKENS:,} "
-                           f"tokens (the default {DEFAULT_SHARD_TOKENS:,} makes 100 MB shards)")
-    if o.builtin and o.builtin_stories < 2:
-        raise PrepareError(f"--builtin_stories {o.builtin_stories} must be at least 2 (one for val)")
-    if not (math.isfinite(o.bpe_train_mb) and o.bpe_train_mb > 0):
-        raise PrepareError(f"--bpe_train_mb {o.bpe_train_mb} must be a positive number of MB "
-                           f"(e.g. {DEFAULT_BPE_TRAIN_MB:g})")
-    if o.num_proc is not None and not 1 <= o.num_proc <= MAX_NUM_PROC:
-        raise PrepareError(f"--num_proc {o.num_proc} must be between 1 and {MAX_NUM_PROC:,} (tokenizer threads; "
-                           f"this machine has {default_num_proc()} cores)")
-    if o.seed < 0:
-        raise PrepareError(f"--seed {o.seed} must be a non-negative integer (e.g. 1337)")
     splits_off = not o.dataset and not o.val
     val_fraction = (DEFAULT_VAL_FRACTION if o.val_fraction is None else o.val_fraction) if splits_off else None
-    if val_fraction is not None and not 0.0 < val_fraction < 1.0:  # NaN fails the comparison too
-        raise PrepareError(f"--val_fraction {val_fraction} must be between 0 and 1, both excluded (e.g. 0.05)")
+    hints = {"--shard_tokens": f"shards hold at least {MIN_SHARD_TOKENS:,} tokens; the default "
+                               f"{DEFAULT_SHARD_TOKENS:,} makes 100 MB shards",
+             "--builtin_stories": "one of them at least goes to val",
+             "--num_proc": f"tokenizer threads; this machine has {default_num_proc()} cores"}
+    for flag, value, rng in (("--shard_tokens", o.shard_tokens, SHARD_TOKENS),
+                             ("--builtin_stories", o.builtin_stories if o.builtin else None, BUILTIN_STORIES),
+                             ("--bpe_train_mb", o.bpe_train_mb, BPE_TRAIN_MB),
+                             ("--num_proc", o.num_proc, Whole(1, MAX_NUM_PROC)), ("--seed", o.seed, SEED),
+                             ("--val_fraction", val_fraction, VAL_FRACTION)):
+        if value is not None:
+            try:
+                rng.check(value, flag)
+            except NumberError as e:
+                raise PrepareError(f"{e}" + (f" ({hints[flag]})" if flag in hints else "")) from None
 
     files = instruct.file_pair_source if o.instruct else sources.file_source
     if o.dataset:

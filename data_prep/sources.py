@@ -14,11 +14,12 @@ Local formats, chosen by the file name's ending:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from storyllama.inputs import InputError, parse_json, read_json
 
 EOT_LINE = "<|endoftext|>"
 FORMATS = (".txt", ".jsonl", ".json", ".parquet")
@@ -62,6 +63,15 @@ def _clean(texts) -> Iterator[str]:
 # Local files
 
 
+def text_named(path: Path, items: Iterator, error: type[Exception]) -> Iterator:
+    """`items` read from `path`, with a decoding error turned into `error` naming the file and the byte."""
+    try:
+        yield from items
+    except UnicodeDecodeError as e:
+        raise error(f"{path} is not UTF-8 text (a {e.reason} near byte {e.start:,} of a chunk); save it as UTF-8, "
+                    "or leave it out") from None
+
+
 def _read_txt(path: Path) -> Iterator[str]:
     lines: list[str] = []
     with open(path, encoding="utf-8", newline="") as f:  # keep "\r\n" inside stories as written
@@ -89,9 +99,9 @@ def json_lines(path: Path, error: type[Exception], hint: str = "") -> Iterator[t
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise error(f"{path} line {lineno} is not JSON ({e}){hint}") from None
+                obj = parse_json(line, f"{path} line {lineno}")
+            except InputError as e:
+                raise error(f"{e}{hint}") from None
             yield lineno, obj
 
 
@@ -107,9 +117,9 @@ def _read_json(path: Path) -> Iterator[str]:
         yield from _read_jsonl(path)
         return
     try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise SourceError(f"{path} is not valid JSON ({e})") from None
+        records = read_json(path, list, max_bytes=1 << 40)
+    except InputError as e:
+        raise SourceError(str(e)) from None
     for i, obj in enumerate(records):
         yield _text_of(obj, path, f"record {i}")
 
@@ -149,10 +159,11 @@ def file_source(paths: Sequence[str | Path], flag: str = "--train") -> Source:
 
     def documents() -> Iterator[str]:
         for p in files:
-            yield from _clean(_READERS[p.suffix.lower()](p))
+            yield from _clean(text_named(p, _READERS[p.suffix.lower()](p), SourceError))
 
     for p in files:
-        Source(lambda p=p: _clean(_READERS[p.suffix.lower()](p)), {}).check_not_empty(f"{flag} {p}")
+        Source(lambda p=p: _clean(text_named(p, _READERS[p.suffix.lower()](p), SourceError)), {}) \
+            .check_not_empty(f"{flag} {p}")
     return Source(documents, {"kind": "files", "files": described}, sum(d["bytes"] for d in described))
 
 

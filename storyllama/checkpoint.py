@@ -36,6 +36,8 @@ from safetensors.torch import load_file, save_file
 
 from storyllama.config import ModelConfig
 from storyllama.data_prep.tokenizer import file_sha256
+from storyllama.inputs import InputError, Whole, read_json
+from storyllama.inputs import field as input_field
 
 log = logging.getLogger(__name__)
 
@@ -172,15 +174,13 @@ def verify(ckpt: Path, fname: str) -> Path:
     path = ckpt / fname
     if not path.is_file():
         raise CheckpointError(f"checkpoint {ckpt} is incomplete: {fname} is missing")
-    try:
-        sums = json.loads((ckpt / CHECKSUMS).read_text())
-        expected = sums.get(fname) if isinstance(sums, dict) else None
-        if not isinstance(sums, dict):
-            raise ValueError
-    except FileNotFoundError:
+    if (ckpt / CHECKSUMS).exists():
+        try:
+            expected = read_json(ckpt / CHECKSUMS).get(fname)
+        except InputError as e:
+            raise CheckpointError(f"{e}; the checkpoint's checksums are damaged, use an earlier checkpoint") from None
+    else:
         expected = None
-    except (ValueError, OSError, RecursionError):
-        raise CheckpointError(f"{ckpt / CHECKSUMS} is damaged (not a JSON object); use an earlier checkpoint") from None
     if expected is None:
         if _TRUST_UNVERIFIED:
             return path
@@ -198,7 +198,7 @@ def verifies(ckpt: Path) -> bool:
     try:
         for fname in (WEIGHTS, MODEL_CONFIG):
             verify(ckpt, fname)
-        sums = json.loads((ckpt / CHECKSUMS).read_text()) if (ckpt / CHECKSUMS).is_file() else {}
+        sums = read_json(ckpt / CHECKSUMS) if (ckpt / CHECKSUMS).is_file() else {}
         for fname in sums:
             verify(ckpt, fname)
     except (CheckpointError, OSError, ValueError, AttributeError):
@@ -288,7 +288,7 @@ def resolve(path: str | Path, which: str = "latest") -> Path:
 def load_model_config(ckpt: Path) -> ModelConfig:
     path = verify(ckpt, MODEL_CONFIG)
     try:
-        return ModelConfig(**json.loads(path.read_text()))
+        return ModelConfig(**read_json(path))
     except (ValueError, TypeError) as e:  # not JSON, unknown keys, or values ModelConfig refuses
         raise CheckpointError(f"{path} is not a model configuration this version can use: {e}") from None
 
@@ -342,12 +342,41 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     return model, ckpt
 
 
+# trainer_state.json's fields and their ranges: a field of the wrong type or range is one CheckpointError naming
+# it, when the checkpoint is opened, before a step is trained (the values then go into TrainConfig / ModelConfig,
+# which check theirs, and into the data stream).
+_STATE_NUMBERS = {"step": Whole(0, 10**12), "tokens_seen": Whole(0, 2**62)}
+_DATA_NUMBERS = {"windows": Whole(0, 2**62), "windows_per_step": Whole(1, 2**40), "position": Whole(0, 2**62),
+                 "world_size": Whole(1, 1 << 20), "batch_size": Whole(1, 1 << 20), "seed": Whole(0, 2**64),
+                 "block_size": Whole(1, 1 << 20), "num_windows": Whole(0, 2**62)}
+
+
 def load_state(ckpt: Path) -> dict:
     path = verify(ckpt, STATE)
     try:
-        return json.loads(path.read_text())
-    except ValueError:
-        raise CheckpointError(f"{path} is damaged (not JSON); use an earlier checkpoint") from None
+        state = read_json(path)
+        for key, rng in _STATE_NUMBERS.items():
+            if key in state:
+                rng.check(state[key], f"{path}: {key!r}")
+        best = state.get("best_val_loss")
+        if best is not None and (isinstance(best, bool) or not isinstance(best, (int, float)) or best != best):
+            raise InputError(f"{path}: 'best_val_loss' must be a number, got {str(best)[:40]}")
+        for key in ("train_config", "model_config", "data"):
+            input_field(state, key, path, dict, required=False)
+        data = state.get("data")
+        if data is not None:
+            streams = [data["0"]] if isinstance(data.get("0"), dict) else [data]  # older: one entry per rank
+            for stream in streams:
+                for key, rng in _DATA_NUMBERS.items():
+                    if key in stream:
+                        rng.check(stream[key], f"{path}: data {key!r}")
+                if "windows" not in stream and not all(k in stream for k in ("position", "world_size", "batch_size")):
+                    raise InputError(f"{path}: the data position has neither 'windows' nor the older 'position'")
+                if "windows" in stream and "windows_per_step" not in stream:
+                    raise InputError(f"{path}: the data position has no 'windows_per_step'")
+    except InputError as e:
+        raise CheckpointError(f"{e}; the checkpoint's state is damaged, use an earlier checkpoint") from None
+    return state
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, ckpt: Path) -> None:
@@ -365,8 +394,8 @@ def describe(ckpt: Path) -> str:
     real = Path(ckpt).resolve()
     name = real.parent.parent.name if real.parent.name == "checkpoints" else real.name
     try:
-        step = int(json.loads((real / STATE).read_text())["step"])
-    except (OSError, ValueError, KeyError, TypeError):
+        step = _STATE_NUMBERS["step"].check(read_json(real / STATE).get("step"), "step")
+    except ValueError:
         parsed = step_of(real.name)
         step = parsed[0] if parsed else None
     return f"{name}, step {step}" if step is not None else name
@@ -375,10 +404,15 @@ def describe(ckpt: Path) -> str:
 def tokenizer_info(ckpt: Path) -> dict:
     """The checkpoint's meta.json "tokenizer" entry; an error when it or its file is missing."""
     try:
-        tok = json.loads((ckpt / "meta.json").read_text())["tokenizer"]
-        tok["eot_id"], tok["vocab_size"] = int(tok["eot_id"]), int(tok["vocab_size"])
-    except (OSError, ValueError, KeyError, TypeError):
-        raise CheckpointError(f"checkpoint {ckpt} has no readable meta.json: the exported model would have no "
+        tok = input_field(read_json(ckpt / "meta.json"), "tokenizer", ckpt / "meta.json", dict)
+        for key, rng in (("eot_id", Whole(0, 65_535)), ("vocab_size", Whole(1, 65_536))):
+            tok[key] = rng.check(tok.get(key), f"{ckpt / 'meta.json'}: tokenizer {key!r}")
+        name = input_field(tok, "file", ckpt / "meta.json", str, required=False)
+        if name is not None and (name != Path(name).name or name in ("", ".", "..")):
+            raise InputError(f"{ckpt / 'meta.json'}: tokenizer 'file' must be a file name in the checkpoint, got "
+                             f"{name[:40]!r}")
+    except InputError as e:
+        raise CheckpointError(f"checkpoint {ckpt} has no usable meta.json ({e}): the exported model would have no "
                               "tokenizer; copy meta.json and its tokenizer file from the data directory the run was "
                               "trained on") from None
     if not (ckpt / tok.get("file", "tokenizer.tiktoken")).is_file():

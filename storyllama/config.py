@@ -14,6 +14,8 @@ import re
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, get_type_hints
 
+from storyllama.inputs import SEED, Range, Real, Whole
+
 
 def pad_vocab(n: int, multiple: int = 64) -> int:
     """Round a vocabulary size up to a multiple of 64 (faster matmuls; padded ids never appear)."""
@@ -22,6 +24,44 @@ def pad_vocab(n: int, multiple: int = 64) -> int:
 
 # ModelConfig fields that are training choices, not the model's shape: fine-tuning may change them
 DROPOUT_RATES = ("dropout", "attn_dropout")
+
+
+# The type and range of every number of the configurations below, whether it comes from a flag, a checkpoint's
+# model_config.json / trainer_state.json or an import (storyllama.inputs: one checker for all of them). The
+# bounds are what one machine can hold (a uint16 token id, a 131,072 context), not tuning.
+MODEL_LIMITS: dict[str, Range] = {
+    "vocab_size": Whole(1, 65_536), "dim": Whole(1, 65_536), "n_layers": Whole(1, 1_024), "n_heads": Whole(1, 1_024),
+    "n_kv_heads": Whole(1, 1_024), "block_size": Whole(1, 131_072), "hidden_dim": Whole(1, 262_144),
+    "multiple_of": Whole(1, 65_536), "norm_eps": Real(0, 1, low_open=True, high_open=True),
+    "rope_theta": Real(0, 1e12, low_open=True), "dropout": Real(0, 1, high_open=True),
+    "attn_dropout": Real(0, 1, high_open=True)}
+ITERS = Whole(1, 10**9)
+TRAIN_LIMITS: dict[str, Range] = {
+    "batch_size": Whole(1, 65_536), "total_batch_size": Whole(1, 2**40), "total_iters": ITERS,
+    "epochs": Real(0, 1e6, low_open=True), "max_lr": Real(0, 10, low_open=True), "min_lr_ratio": Real(0, 1),
+    "warmup_iters": Whole(0, 10**9), "weight_decay": Real(0, 1e6), "beta1": Real(0, 1, high_open=True),
+    "beta2": Real(0, 1, high_open=True), "clip": Real(0, 1e9), "muon_lr": Real(0, 10, low_open=True),
+    "muon_momentum": Real(0, 1, high_open=True), "muon_weight_decay": Real(0, 1e6),
+    "ema_decay": Real(0, 1, high_open=True), "dropout_start": Whole(0, 10**9), "eval_interval": ITERS,
+    "eval_iters": Whole(0, 10**7), "log_interval": ITERS, "save_interval": ITERS,
+    "save_every_minutes": Real(0, 1e7, low_open=True), "keep_last": Whole(1, 10**6),
+    "max_time": Real(0, 1e9, low_open=True), "max_bad_steps": ITERS, "seed": SEED,
+    "sample_tokens": Whole(0, 100_000), "temperature": Real(0, 100)}
+SAMPLE_LIMITS: dict[str, Range] = {
+    "max_new_tokens": Whole(1, 1_000_000), "temperature": Real(0, 100), "top_k": Whole(1, 1_000_000),
+    "top_p": Real(0, 1, low_open=True), "repetition_penalty": Real(0, 100, low_open=True),
+    "num_samples": Whole(1, 1_024), "num_beams": Whole(1, 1_024), "length_penalty": Real(-100, 100), "seed": SEED}
+
+
+def check_fields(obj, limits: dict[str, Range], flag_names: bool = False) -> None:
+    """Every field of `obj` named in `limits` (None for an optional one is fine) within its range, or one
+    ValueError naming it (as --flag when `flag_names`)."""
+    optional = {f.name for f in fields(obj) if f.default is None}
+    for name, rng in limits.items():
+        value = getattr(obj, name)
+        if value is None and name in optional:
+            continue
+        setattr(obj, name, rng.check(value, f"--{name}" if flag_names else name))  # 512.0 from JSON -> 512
 
 
 @dataclass
@@ -41,12 +81,13 @@ class ModelConfig:
     tie_embeddings: bool = True  # the LM head shares the token embedding's weights
 
     def __post_init__(self) -> None:
-        if self.hidden_dim is None:
+        if self.hidden_dim is None and isinstance(self.dim, int) and isinstance(self.multiple_of, int) \
+                and MODEL_LIMITS["dim"].ok(self.dim) and MODEL_LIMITS["multiple_of"].ok(self.multiple_of):
             h = int(2 * 4 * self.dim / 3)
             self.hidden_dim = self.multiple_of * ((h + self.multiple_of - 1) // self.multiple_of)
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "block_size", "hidden_dim"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        check_fields(self, MODEL_LIMITS)
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(f"tie_embeddings must be true or false, got {self.tie_embeddings!r}")
         if self.dim % self.n_heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads}): "
                              "change --dim or --n_heads")
@@ -55,12 +96,6 @@ class ModelConfig:
                              "for grouped-query attention: change --n_kv_heads")
         if (self.dim // self.n_heads) % 2:
             raise ValueError(f"head_dim = dim / n_heads = {self.dim // self.n_heads} must be even for RoPE")
-        for name in DROPOUT_RATES:
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        for name in ("norm_eps", "rope_theta"):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
-                raise ValueError(f"{name} must be a finite positive number, got {getattr(self, name)}")
 
     @property
     def head_dim(self) -> int:
@@ -179,37 +214,9 @@ class TrainConfig:
     wandb_run_name: str | None = None  # W&B run name; unset: the run directory's name
 
     def __post_init__(self) -> None:
-        checks = {"batch_size": self.batch_size, "total_iters": self.total_iters, "max_lr": self.max_lr,
-                  "eval_interval": self.eval_interval, "save_interval": self.save_interval,
-                  "log_interval": self.log_interval, "keep_last": self.keep_last, "max_bad_steps": self.max_bad_steps}
-        for opt in ("total_batch_size", "epochs", "max_time", "save_every_minutes"):
-            if getattr(self, opt) is not None:
-                checks[opt] = getattr(self, opt)
-        for k, v in checks.items():
-            if not (math.isfinite(v) and v > 0):
-                raise ValueError(f"--{k} must be a finite positive number, got {v}")
-        for k in ("weight_decay", "clip", "temperature"):
-            v = getattr(self, k)
-            if not (math.isfinite(v) and v >= 0):
-                raise ValueError(f"--{k} must be a finite number >= 0{' (0: no clipping)' if k == 'clip' else ''}, "
-                                 f"got {v}")
-        for k in ("beta1", "beta2"):
-            if not 0.0 <= getattr(self, k) < 1.0:
-                raise ValueError(f"--{k} must be in [0, 1), got {getattr(self, k)}")
-        if self.warmup_iters < 0 or self.eval_iters < 0 or self.sample_tokens < 0 or self.dropout_start < 0:
-            raise ValueError("--warmup_iters, --eval_iters, --sample_tokens and --dropout_start must be >= 0")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"--min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        check_fields(self, TRAIN_LIMITS, flag_names=True)
         if self.optimizer not in ("adamw", "muon"):
             raise ValueError(f"--optimizer must be adamw or muon, got {self.optimizer!r}")
-        if not (math.isfinite(self.muon_lr) and self.muon_lr > 0):
-            raise ValueError(f"--muon_lr must be a finite positive number, got {self.muon_lr}")
-        if not (math.isfinite(self.muon_weight_decay) and self.muon_weight_decay >= 0):
-            raise ValueError(f"--muon_weight_decay must be a finite number >= 0, got {self.muon_weight_decay}")
-        for k in ("muon_momentum", "ema_decay"):
-            if not 0.0 <= getattr(self, k) < 1.0:
-                raise ValueError(f"--{k} must be in [0, 1){' (0: off)' if k == 'ema_decay' else ''}, "
-                                 f"got {getattr(self, k)}")
 
     def lr_at(self, step: int) -> float:
         """Linear warmup to max_lr, then cosine to max_lr * min_lr_ratio at total_iters."""
@@ -239,24 +246,7 @@ class SampleConfig:
     device: str = "auto"  # auto (CUDA when present, else CPU), cpu, cuda or cuda:N
 
     def __post_init__(self) -> None:
-        for name in ("temperature", "top_p", "repetition_penalty"):
-            value = getattr(self, name)
-            if value is not None and not math.isfinite(value):  # NaN passes every < / <= check below
-                raise ValueError(f"--{name} must be a finite number, got {value}")
-        if self.temperature < 0:
-            raise ValueError(f"--temperature must be >= 0 (0 is greedy), got {self.temperature}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"--top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k is not None and self.top_k <= 0:
-            raise ValueError(f"--top_k must be positive, got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"--repetition_penalty must be positive, got {self.repetition_penalty}")
-        if self.max_new_tokens <= 0 or self.num_samples <= 0:
-            raise ValueError("--max_new_tokens and --num_samples must be positive")
-        if self.num_beams < 1:
-            raise ValueError(f"--num_beams must be at least 1, got {self.num_beams}")
-        if not math.isfinite(self.length_penalty):
-            raise ValueError(f"--length_penalty must be a finite number, got {self.length_penalty}")
+        check_fields(self, SAMPLE_LIMITS, flag_names=True)
         if self.num_beams > 1 and self.num_samples > self.num_beams:
             raise ValueError(f"--num_samples ({self.num_samples}) cannot exceed --num_beams ({self.num_beams}): "
                              "beam search returns at most one story per beam")
@@ -277,6 +267,10 @@ SEED_ALIASES: dict[str, list[str]] = {
     "max_new_tokens": ["--max_length"],
     "sample_tokens": ["--max_length"],  # bin/train's samples at each eval
 }
+
+
+LIMITS_OF: dict[type, dict[str, Range]] = {ModelConfig: MODEL_LIMITS, TrainConfig: TRAIN_LIMITS,
+                                          SampleConfig: SAMPLE_LIMITS}
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -321,6 +315,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[s
             continue
         if base is list:
             kw.update(nargs="+", type=str)
+        elif f.name in LIMITS_OF.get(cls, {}):
+            kw.update(type=LIMITS_OF[cls][f.name].parse)  # the range is checked (and named) as the flag is read
         else:
             kw.update(type=base)
         group.add_argument(*names, **kw)

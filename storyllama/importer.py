@@ -27,7 +27,6 @@ sibling and renamed; an existing non-empty --out is refused unless it is an unto
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -38,7 +37,8 @@ from pathlib import Path
 
 import torch
 
-from storyllama.config import DROPOUT_RATES, ModelConfig, OneLineErrorParser
+from storyllama.config import DROPOUT_RATES, MODEL_LIMITS, ModelConfig, OneLineErrorParser
+from storyllama.inputs import NumberError, Real
 
 MARKER = ".storyllama-import.json"
 MAX_VOCAB = 65_536
@@ -76,30 +76,22 @@ def _rope_theta(conf: dict, where: Path):
     return theta if theta is not None else 10000.0  # checked by the caller
 
 
-# What an imported config may say: the type and range of each number, checked before anything is built, so a
-# wrong-typed, missing, zero, negative or absurd value is one line naming the field (never a KeyError, a division
-# by zero or a huge allocation). The bounds are what a model this tool can train or sample on one machine uses.
-LIMITS = {"vocab_size": (1, MAX_VOCAB), "dim": (1, 65_536), "n_layers": (1, 1_024), "n_heads": (1, 1_024),
-          "n_kv_heads": (1, 1_024), "hidden_dim": (1, 262_144), "block_size": (1, 131_072)}
-
-
+# What an imported config may say: the type and range of each number (config.MODEL_LIMITS, the one table every
+# configuration is checked against), checked before anything is built, so a wrong-typed, missing, zero, negative
+# or absurd value is one line naming the field (never a KeyError, a division by zero or a huge allocation).
 def checked_int(value, name: str, where, field: str | None = None) -> int:
-    """An integer field of an imported config within LIMITS[field], or ImportRefused naming it."""
-    low, high = LIMITS[field or name]
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ImportRefused(f"{where}: {name} must be an integer from {low:,} to {high:,}, got "
-                            f"{type(value).__name__} {str(value)[:40]}")
-    if not low <= value <= high:
-        raise ImportRefused(f"{where}: {name} is {value:,}; it must be from {low:,} to {high:,}")
-    return value
+    """An integer field of an imported config within MODEL_LIMITS[field], or ImportRefused naming it."""
+    try:
+        return MODEL_LIMITS[field or name].check(value, name)
+    except NumberError as e:
+        raise ImportRefused(f"{where}: {e}") from None
 
 
 def checked_float(value, name: str, where, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not low < value < high:
-        raise ImportRefused(f"{where}: {name} must be a finite number between {low:g} and {high:g}, got "
-                            f"{str(value)[:40]}")
-    return float(value)
+    try:
+        return Real(low, high, low_open=True, high_open=True).check(value, name)
+    except NumberError as e:
+        raise ImportRefused(f"{where}: {e}") from None
 
 
 def _require(conf: dict, key: str, where):

@@ -193,17 +193,22 @@ def table(rows: list[tuple[str, Score]]) -> str:
 
 def build_parser(prog: str = "instruct_score"):
     from storyllama.checkpoint import add_trust_flag
-    from storyllama.config import OneLineErrorParser
+    from storyllama.config import SAMPLE_LIMITS, OneLineErrorParser
+    from storyllama.inputs import SEED, Whole
 
     p = OneLineErrorParser(prog=prog, description="Score story requests: word inclusion and feature rates of each "
                            "model on a fixed set of held-out built-in requests.")
     p.add_argument("--run", action="append", required=True, help="a run or checkpoint directory (repeatable)")
-    p.add_argument("--requests", type=int, default=200, help="held-out requests each model answers (default 200)")
-    p.add_argument("--seed", type=int, default=4242, help="seed of the held-out requests (default 4242; the corpus "
-                   "uses 1337)")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
-    p.add_argument("--max_new_tokens", type=int, default=220, help="new tokens per story at most (default 220)")
-    p.add_argument("--show", type=int, default=1, help="print this many stories of each model (default 1)")
+    p.add_argument("--requests", type=Whole(1, 100_000).parse, default=200,
+                   help="held-out requests each model answers, 1 to 100,000 (default 200)")
+    p.add_argument("--seed", type=SEED.parse, default=4242,
+                   help="seed of the held-out requests (default 4242; the corpus uses 1337)")
+    p.add_argument("--temperature", type=SAMPLE_LIMITS["temperature"].parse, default=0.7,
+                   help="sampling temperature (default 0.7)")
+    p.add_argument("--max_new_tokens", type=SAMPLE_LIMITS["max_new_tokens"].parse, default=220,
+                   help="new tokens per story at most (default 220)")
+    p.add_argument("--show", type=Whole(0, 100_000).parse, default=1,
+                   help="print this many stories of each model (default 1)")
     add_trust_flag(p)
     return p
 
@@ -222,11 +227,11 @@ def main(argv: list[str] | None = None, prog: str = "instruct_score") -> int:
         t0 = time.perf_counter()
         try:
             model, enc, ckpt = load_for_sampling(run, torch.device("cpu"), torch.float32)
-        except (ValueError, OSError) as e:
-            print(f"{prog}: error: {e}", file=sys.stderr)
+            score, stories = score_model(model, enc, requests, max_new_tokens=a.max_new_tokens,
+                                         temperature=a.temperature)
+        except (ValueError, OSError) as e:  # a run that cannot be read, or a request longer than its context
+            print(f"{prog}: error: {run}: {e}", file=sys.stderr)
             return 2
-        score, stories = score_model(model, enc, requests, max_new_tokens=a.max_new_tokens,
-                                     temperature=a.temperature)
         print(f"{run} ({ckpt}): {len(requests)} requests in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         for r, s in list(zip(requests, stories))[: a.show]:
             print(f"--- {run}\n{r.text()}{s}\n", file=sys.stderr)

@@ -17,6 +17,7 @@ Two ways to run it:
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -176,10 +177,30 @@ class Block(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
+def machine_memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system that says
+        return None
+
+
+def check_fits_in_memory(cfg: ModelConfig) -> None:
+    """A shape whose float32 weights alone exceed this machine's memory is refused by name before anything is
+    allocated (the model is always built in float32 on the CPU first); the meta device allocates nothing."""
+    if torch.empty(0).device.type == "meta":
+        return
+    need, have = 4 * cfg.num_params(), machine_memory_bytes()
+    if have is not None and need > have:
+        raise ValueError(f"a model of this shape has {cfg.num_params():,} parameters, {need / 2**30:,.1f} GiB in "
+                         f"float32, more than this machine's {have / 2**30:,.1f} GiB of memory: choose a smaller "
+                         "--dim, --n_layers, --hidden_dim or --vocab_size")
+
+
 class Llama(nn.Module):
     def __init__(self, cfg: ModelConfig, kernels: str = "reference", fused_ce: bool = True):
         """kernels: "triton" or "reference" (see storyllama.kernels.resolve_backend for "auto").
         fused_ce: compute the training loss with the chunked linear + cross-entropy (no full logits)."""
+        check_fits_in_memory(cfg)
         super().__init__()
         self.cfg = cfg
         self.ops = get_ops(kernels)

@@ -37,6 +37,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from storyllama.inputs import SEED, NumberError, Real, Whole
+
 DEFAULT_RUN = "runs/demo"
 MODES = ("sample", "greedy", "beam")
 REQUEST_FEATURES = ("dialogue", "happy_ending", "bad_ending", "moral", "twist", "foreshadowing", "conflict")
@@ -182,13 +184,11 @@ def sample_config(mode: str, temperature, top_k, top_p, repetition_penalty, max_
         raise ServeError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
 
     def num(name, v, lo, hi, integer=False):
-        if v is None or (isinstance(v, float) and not math.isfinite(v)):
-            raise ServeError(f"{name} needs a number, got {v!r}")
-        if not lo <= v <= hi:
-            raise ServeError(f"{name} must be between {lo} and {hi}, got {v}")
-        if integer and v != int(v):
-            raise ServeError(f"{name} must be a whole number, got {v}")
-        return int(v) if integer else float(v)
+        rng = Whole(lo, hi) if integer else Real(lo, hi)
+        try:
+            return rng.check(v, name)
+        except NumberError as e:
+            raise ServeError(str(e)) from None
 
     temperature = num("temperature", temperature, 0.0, 5.0)
     top_k = num("top-k", top_k if top_k is not None else 0, 0, 1_000_000, integer=True)
@@ -200,7 +200,9 @@ def sample_config(mode: str, temperature, top_k, top_p, repetition_penalty, max_
     stories = num("stories", stories, 1, MAX_STORIES, integer=True)
     beams = num("beams", beams, 1, MAX_BEAMS, integer=True) if mode == "beam" else 1
     length_penalty = num("length penalty", length_penalty, -5.0, 5.0) if mode == "beam" else 1.0
-    seed = None if seed is None or seed == "" or float(seed) < 0 else int(float(seed))
+    # a seed below 0 (or none) draws a fresh one
+    seed = None if seed is None or seed == "" or (isinstance(seed, (int, float)) and not isinstance(seed, bool)
+                                                  and seed < 0) else num("seed", seed, 0, SEED.high, integer=True)
     if mode == "beam" and stories > beams:
         raise ServeError(f"stories ({stories}) cannot exceed beams ({beams}) in beam mode")
     try:
@@ -535,13 +537,13 @@ def build_parser(prog: str = "serve"):
     p.add_argument("--runs_dir", default=None, help="also offer every directory directly under this one, by the name "
                    "RUNS_DIR/NAME (default: none)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
+    p.add_argument("--port", type=Whole(1, 65_535).parse, default=7860, help="port to serve on (default 7860)")
     p.add_argument("--share", action="store_true",
                    help="also open a public gradio.live link (anyone with it can read files the server can read)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu or cuda (default auto)")
     p.add_argument("--dtype", default="float32", help="weight dtype: float32 or bfloat16 (default float32)")
-    p.add_argument("--max_models", type=int, default=2, help="models kept in memory, the most recently used "
-                   "(default 2)")
+    p.add_argument("--max_models", type=Whole(1, 64).parse, default=2,
+                   help="models kept in memory, the most recently used (default 2)")
     add_trust_flag(p)
     return p
 

@@ -5,6 +5,7 @@ or the Ollama Modelfile an earlier export wrote)."""
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
@@ -134,11 +135,41 @@ class Staging:
             finally:
                 probe.release()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type=None, exc=None, tb=None) -> None:
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
         if self.lock is not None:
             self.lock.release()
+        reason = _write_failure(exc)
+        if reason is not None:  # the staging directory is gone: say so, with the space there is now
+            try:
+                free = f"{shutil.disk_usage(self.out.parent).free / 2**20:,.1f} MB free there now"
+            except OSError:
+                free = "its free space unknown"
+            raise WriteError(f"could not write {self.out}: {reason} ({free}); nothing was changed: --out is as it "
+                             "was and the partial files were removed. Free some space or choose an --out on "
+                             "another disk, then run the same command again") from None
+
+
+class WriteError(ValueError):
+    """A staged write that failed (a full disk, a quota, an I/O error); nothing was published."""
+
+
+def _write_failure(exc) -> str | None:
+    """What went wrong, when `exc` is a failed write rather than a refusal or a bug: an OSError (numpy's short
+    write says "N requested and M written"), or safetensors' error wrapping one."""
+    if exc is None or isinstance(exc, (ValueError, KeyboardInterrupt)) and not type(exc).__name__ == "SafetensorError":
+        return None
+    text = str(exc)
+    full = (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)) or any(
+        s in text for s in ("No space left", "StorageFull", "requested and", "Disk quota", "File too large"))
+    if full:
+        return "the disk is full"
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or text} ({exc.filename})" if exc.filename else (exc.strerror or text)
+    if type(exc).__name__ == "SafetensorError" and "IoError" in text:
+        return text.splitlines()[0][:200]
+    return None
 
 
 def publish_dir(tmp: Path, out: Path, files: list[str]) -> None:

@@ -80,7 +80,7 @@ def test_bin_export_cli(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--run", "{tmp}/nowhere", "--out", "{tmp}/hf"], "no complete checkpoint"),
-    (["--checkpoint", "{tmp}/notokenizer", "--out", "{tmp}/hf"], "has no readable meta.json"),
+    (["--checkpoint", "{tmp}/notokenizer", "--out", "{tmp}/hf"], "has no usable meta.json"),
     (["--checkpoint", "{tmp}/notokenizer", "--out", "{tmp}/other"], "was not written by bin/export"),
     (["--checkpoint", "{tmp}/notokenizer", "--out", "{tmp}/hf", "--format", "onnx"], "invalid choice: 'onnx'"),
     (["--run", "{tmp}"], "the following arguments are required: --out"),

@@ -164,7 +164,7 @@ def test_resume_on_data_with_another_tokenizer_is_refused(builtin_data, tmp_path
 
 
 def test_shards_shorter_than_one_block_are_refused(builtin_data, tmp_path, capsys):
-    cmd = train_cmd(builtin_data, tmp_path / "run", "--total_iters", "2", "--block_size", "200000")
+    cmd = train_cmd(builtin_data, tmp_path / "run", "--total_iters", "2", "--block_size", "100000")
     assert train_main(cmd[2:]) == 2
     assert "block" in capsys.readouterr().err
 

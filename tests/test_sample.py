@@ -261,7 +261,7 @@ def test_sample_main_greedy_matches_generate(saved, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--checkpoint", "{tmp}/nowhere"], "no complete checkpoint"),
     (["--run", "{tmp}/partial"], "incomplete: model_config.json is missing"),
-    (["--checkpoint", "{ckpt}", "--top_p", "2"], "--top_p must be in (0, 1]"),
+    (["--checkpoint", "{ckpt}", "--top_p", "2"], "--top_p: must be a finite number in (0, 1], got '2'"),
     (["--checkpoint", "{ckpt}", "--dtype", "float16"], "--dtype must be one of float32, bfloat16"),
     (["--checkpoint", "{ckpt}", "--max_length", "100"], "exceeds the model's context of 64 tokens"),
     (["--checkpoint", "{ckpt}", "--run", "{tmp}"], "not allowed with argument"),
@@ -297,7 +297,7 @@ def test_non_finite_sampling_knob_is_an_error_naming_the_flag(flag, value):
 def test_bin_sample_nan_temperature_is_one_line_exit_2(saved):
     res = run_bin_sample("--run", str(saved[0]), "--temperature", "nan")
     assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert res.stderr.count("\n") == 1 and "--temperature must be a finite number" in res.stderr, res.stderr
+    assert res.stderr.count("\n") == 1 and "--temperature: must be a finite number" in res.stderr, res.stderr
 
 
 @pytest.mark.parametrize("device, message", [

@@ -146,7 +146,7 @@ def test_bad_input_gets_a_message_and_the_server_lives_on(client, run_dir, offer
     _, status = write(client, str(run_dir), max_length=500)
     assert status.startswith("error:") and "exceeds the model's context" in status
     _, status = write(client, str(run_dir), top_k=-3)
-    assert status == "error: top-k must be between 0 and 1000000, got -3"
+    assert status == "error: top-k must be a whole number in [0, 1,000,000], got -3"
     _, status = write(client, str(run_dir), mode="beam", beams=2, stories=3)
     assert "stories (3) cannot exceed beams (2)" in status
     with pytest.raises(gradio_client.exceptions.AppError, match="greater than maximum"):
