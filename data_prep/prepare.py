@@ -35,7 +35,6 @@ import contextlib
 import errno
 import json
 import logging
-import math
 import os
 import signal
 import sys
@@ -47,8 +46,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from storyllama.config import OneLineErrorParser
-from storyllama.locking import LOCK_NAME, DirLock
 from storyllama.inputs import SEED, NumberError, Real, Whole
+from storyllama.locking import LOCK_NAME, DirLock
 
 from . import builtin, instruct, sources
 from .encode import encode_documents

@@ -229,13 +229,9 @@ def load_encoding(data_dir: str | Path):
     if not meta_path.is_file():
         raise TokenizerError(f"{data_dir} has no meta.json: prepare it with bin/prepare_data --out {data_dir} "
                              "(or point to a run directory the trainer wrote)")
-    try:
-        info = json.loads(meta_path.read_text())["tokenizer"]
-        name, vocab, eot, file, sha = (info[k] for k in ("name", "vocab_size", "eot_id", "file", "sha256"))
-        pat = info["pat_str"] if info.get("kind", "tiktoken") == "tiktoken" else None
-    except (ValueError, KeyError, TypeError) as e:
-        raise TokenizerError(f"{meta_path} is not a prepare_data meta.json ({type(e).__name__}: {e}); "
-                             "prepare the data again") from None
+    info = tokenizer_entry(meta_path)
+    name, vocab, eot, file, sha = (info[k] for k in ("name", "vocab_size", "eot_id", "file", "sha256"))
+    pat = info["pat_str"] if info.get("kind", "tiktoken") == "tiktoken" else None
     path = data_dir / file
     if not path.is_file():
         raise TokenizerError(f"{path} is missing; meta.json names it as the tokenizer of {data_dir}: copy it "
@@ -261,6 +257,28 @@ def load_encoding(data_dir: str | Path):
 
 # ---------------------------------------------------------------------------------------------
 # Hugging Face tokenizer.json (the `hf:PATH_OR_DIR` kind)
+
+
+def tokenizer_entry(meta_path: Path) -> dict:
+    """meta.json's "tokenizer" entry, every field the readers use checked for type and range (the file a plain
+    name beside meta.json), or TokenizerError naming the file and the field."""
+    from storyllama.inputs import InputError, Whole, field, read_json
+
+    try:
+        info = field(read_json(meta_path), "tokenizer", meta_path, dict)
+        for key in ("name", "file", "sha256"):
+            field(info, key, f"{meta_path}: tokenizer", str)
+        kind = field(info, "kind", f"{meta_path}: tokenizer", str, required=False, default="tiktoken")
+        if kind == "tiktoken":
+            field(info, "pat_str", f"{meta_path}: tokenizer", str)
+        Whole(1, 65_536).check(info.get("vocab_size"), f"{meta_path}: tokenizer 'vocab_size'")
+        Whole(0, 65_535).check(info.get("eot_id"), f"{meta_path}: tokenizer 'eot_id'")
+        if info["file"] != Path(info["file"]).name or info["file"] in ("", ".", ".."):
+            raise InputError(f"{meta_path}: tokenizer 'file' must be a file name beside it, got {info['file'][:40]!r}")
+    except InputError as e:
+        raise TokenizerError(f"{e}; prepare the data again (or copy meta.json back from the data directory)") \
+            from None
+    return info
 
 
 def is_hf_spec(name: str) -> bool:

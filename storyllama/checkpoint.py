@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from storyllama.config import ModelConfig
-from storyllama.data_prep.tokenizer import file_sha256
+from storyllama.data_prep.tokenizer import TokenizerError, file_sha256, tokenizer_entry
 from storyllama.inputs import InputError, Whole, read_json
 from storyllama.inputs import field as input_field
 
@@ -404,14 +404,8 @@ def describe(ckpt: Path) -> str:
 def tokenizer_info(ckpt: Path) -> dict:
     """The checkpoint's meta.json "tokenizer" entry; an error when it or its file is missing."""
     try:
-        tok = input_field(read_json(ckpt / "meta.json"), "tokenizer", ckpt / "meta.json", dict)
-        for key, rng in (("eot_id", Whole(0, 65_535)), ("vocab_size", Whole(1, 65_536))):
-            tok[key] = rng.check(tok.get(key), f"{ckpt / 'meta.json'}: tokenizer {key!r}")
-        name = input_field(tok, "file", ckpt / "meta.json", str, required=False)
-        if name is not None and (name != Path(name).name or name in ("", ".", "..")):
-            raise InputError(f"{ckpt / 'meta.json'}: tokenizer 'file' must be a file name in the checkpoint, got "
-                             f"{name[:40]!r}")
-    except InputError as e:
+        tok = tokenizer_entry(ckpt / "meta.json")
+    except TokenizerError as e:
         raise CheckpointError(f"checkpoint {ckpt} has no usable meta.json ({e}): the exported model would have no "
                               "tokenizer; copy meta.json and its tokenizer file from the data directory the run was "
                               "trained on") from None

@@ -55,7 +55,6 @@ would cost ~0.1 s per 100M tokens read cold (0.02 s cached) at each start, on ea
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -63,6 +62,7 @@ import numpy as np
 import torch
 
 from storyllama.data_prep.shards import FORMAT_VERSION, MASK_MAGIC, ShardError, open_shard, token_dtype
+from storyllama.inputs import InputError, read_json
 
 SPLITS = ("train", "val")
 
@@ -85,12 +85,9 @@ def load_meta(data_dir: str | Path) -> dict:
         raise DataError(f"{data_dir} has no meta.json: it is not prepared, or its preparation did not finish; "
                         f"run bin/prepare_data --out {data_dir} ...")
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
-        raise DataError(f"{path} is not valid JSON ({str(e)[:120]}); run bin/prepare_data again for "
-                        f"{data_dir}") from None
-    if not isinstance(meta, dict):
-        raise DataError(f"{path} is not a JSON object; run bin/prepare_data again for {data_dir}")
+        meta = read_json(path)
+    except InputError as e:
+        raise DataError(f"{str(e)[:300]}; run bin/prepare_data again for {data_dir}") from None
     if meta.get("format_version") != FORMAT_VERSION:
         raise DataError(f"{path} has format_version {str(meta.get('format_version'))[:40]}; this StoryLlama reads "
                         f"{FORMAT_VERSION}: prepare the data again")

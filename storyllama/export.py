@@ -139,8 +139,7 @@ def export(path: str | Path, out: str | Path, format: str = "hf", weights: str =
         shutil.copy2(ckpt / tok["file"], tmp / tok["file"])
         # meta.json with the tokenizer entry only: the data's source (absolute paths of the files it was prepared
         # from, or an import's source path) stays on the machine that trained the model
-        public_tok = {k: v for k, v in json.loads((ckpt / "meta.json").read_text())["tokenizer"].items()
-                      if k != "source"}
+        public_tok = {k: v for k, v in tok.items() if k != "source"}
         (tmp / "meta.json").write_text(json.dumps({"tokenizer": public_tok}, indent=2) + "\n")
         files.append(tok["file"])
         (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(hf_tok, eot_text, cfg), indent=2)

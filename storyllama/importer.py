@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from storyllama.config import DROPOUT_RATES, MODEL_LIMITS, ModelConfig, OneLineErrorParser
-from storyllama.inputs import NumberError, Real
+from storyllama.inputs import InputError, NumberError, Real, read_json
 
 MARKER = ".storyllama-import.json"
 MAX_VOCAB = 65_536
@@ -55,12 +55,9 @@ class ImportRefused(ValueError):
 
 def _read_json(path: Path) -> dict:
     try:
-        out = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
-        raise ImportRefused(f"{path} cannot be read as JSON ({type(e).__name__}: {str(e)[:100]})") from None
-    if not isinstance(out, dict):
-        raise ImportRefused(f"{path} is not a JSON object")
-    return out
+        return read_json(path)
+    except InputError as e:
+        raise ImportRefused(str(e)[:300]) from None
 
 
 def _rope_theta(conf: dict, where: Path):

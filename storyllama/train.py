@@ -60,6 +60,8 @@ from storyllama.distributed import (
     init_distributed,
     restart_count,
 )
+from storyllama.inputs import field as input_field
+from storyllama.inputs import read_json
 from storyllama.kernels.ops import resolve_backend
 from storyllama.locking import DirLock
 from storyllama.metrics import Metrics, check_wandb_login, peak_flops
@@ -165,7 +167,7 @@ def _check_same_tokenizer(ckpt: Path, meta: dict) -> None:
     ckpt_meta = ckpt / "meta.json"
     if not ckpt_meta.is_file():
         return
-    theirs = json.loads(ckpt_meta.read_text())["tokenizer"]
+    theirs = input_field(read_json(ckpt_meta), "tokenizer", ckpt_meta, dict)
     ours = meta["tokenizer"]
     if theirs.get("sha256") != ours.get("sha256") or theirs.get("name") != ours.get("name"):
         raise ValueError(f"the data's tokenizer ({ours.get('name')}, sha256 {str(ours.get('sha256'))[:12]}) differs "

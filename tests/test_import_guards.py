@@ -62,9 +62,9 @@ def raw_bytes(data_of):
 
 CASES = {
     "config for 1 layer, weights for 2": (conf_set(num_hidden_layers=1), "tensor(s) its config.json does not describe"),
-    "a string for an int": (conf_set(hidden_size="64"), "hidden_size must be an integer"),
+    "a string for an int": (conf_set(hidden_size="64"), "hidden_size must be a whole number"),
     "null layers": (conf_set(num_hidden_layers=None), "has no num_hidden_layers"),
-    "a float for an int": (conf_set(num_attention_heads=4.0), "num_attention_heads must be an integer"),
+    "a float for an int": (conf_set(num_attention_heads=4.5), "num_attention_heads must be a whole number"),
     "zero heads": (conf_set(num_attention_heads=0), "num_attention_heads is 0"),
     "negative vocabulary": (conf_set(vocab_size=-5), "vocab_size is -5"),
     "1e9 layers": (conf_set(num_hidden_layers=10**9), "num_hidden_layers is 1,000,000,000"),

@@ -87,8 +87,9 @@ def test_a_second_trainer_on_the_same_run_is_refused(builtin_data, tmp_path):
         assert (out / "metrics.jsonl").read_bytes() == before
     finally:
         first.kill()
-    # the lock died with the killed process: the run resumes
-    assert train_main(args(builtin_data, out, "--resume", "auto")) == 0
+    # the lock died with the killed process: the run resumes (the killed save left no checkpoint, so it starts
+    # again; two steps show it, where the default length would train 1,000)
+    assert train_main(args(builtin_data, out, "--resume", "auto", "--batch_size", "2", "--total_iters", "2")) == 0
 
 
 def test_resaving_a_step_keeps_latest_valid_and_prunes_by_step(builtin_data, tmp_path):
