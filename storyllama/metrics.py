@@ -81,10 +81,17 @@ def end_on_a_new_line(path: Path) -> None:
         return
 
 
+def _usable(rec) -> bool:
+    """A record the readers can use: an object with a whole step >= 0 and numbers where the losses are."""
+    num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    return (isinstance(rec, dict) and isinstance(rec.get("step"), int) and not isinstance(rec["step"], bool)
+            and rec["step"] >= 0 and all(num(rec[k]) for k in ("loss", "val_loss") if k in rec))
+
+
 def read_records(path: Path, start: int = 0, warn: bool = True) -> tuple[list[dict], int]:
     """The records of a JSONL file (metrics.jsonl) from byte `start` on, and the offset after its last complete
-    line, so a reader that calls again reads only what was appended. A line that is not a JSON object (torn by a
-    kill, or damaged) is skipped with a warning naming the file and line; an unfinished last line (no newline
+    line, so a reader that calls again reads only what was appended. A line that is not a JSON object with a whole
+    step and numeric losses (torn by a kill, or damaged) is skipped with a warning naming the file and line; an unfinished last line (no newline
     yet) is left for the next call."""
     try:
         with open(path, "rb") as f:
@@ -101,7 +108,7 @@ def read_records(path: Path, start: int = 0, warn: bool = True) -> tuple[list[di
             rec = json.loads(line)
         except (ValueError, RecursionError):
             rec = None
-        if isinstance(rec, dict):
+        if _usable(rec):
             out.append(rec)
         elif warn:
             where = f"line {i + 1}" if start == 0 else f"a line after byte {start}"
