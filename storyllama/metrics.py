@@ -91,8 +91,8 @@ def _usable(rec) -> bool:
 def read_records(path: Path, start: int = 0, warn: bool = True) -> tuple[list[dict], int]:
     """The records of a JSONL file (metrics.jsonl) from byte `start` on, and the offset after its last complete
     line, so a reader that calls again reads only what was appended. A line that is not a JSON object with a whole
-    step and numeric losses (torn by a kill, or damaged) is skipped with a warning naming the file and line; an unfinished last line (no newline
-    yet) is left for the next call."""
+    step and numeric losses (torn by a kill, or damaged) is skipped with a warning naming the file and line; an
+    unfinished last line (no newline yet) is left for the next call."""
     try:
         with open(path, "rb") as f:
             f.seek(start)
