@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from storyllama import checkpoint
 from storyllama.data_prep.prepare import main as prepare_main
+from storyllama.export import main as export_main
 from storyllama.train import main as train_main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -190,3 +191,36 @@ def test_out_of_memory_suggests_a_smaller_micro_batch(builtin_data, tmp_path, ca
     monkeypatch.setattr(Llama, "forward", oom)
     assert train_main(train_cmd(builtin_data, tmp_path / "run", "--total_iters", "2")[2:]) == 2
     assert "lower --batch_size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("what", ["export-hf", "export-gguf", "import"])
+def test_a_full_disk_while_exporting_or_importing_says_nothing_was_changed(builtin_data, tmp_path, what):
+    """The safetensors / GGUF writers on a disk too small for the model: one line naming --out, that the disk is
+    full, the space left, and that nothing was changed; no partial file or staging directory stays behind."""
+    run = tmp_path / "run"
+    assert train_main(train_cmd(builtin_data, run, "--total_iters", "1")[2:]) == 0
+    hf = tmp_path / "hf"
+    if what == "import":
+        assert export_main(["--run", str(run), "--out", str(hf)]) == 0
+    weights = checkpoint.resolve(run) / "model.safetensors"
+    mnt = tmp_path / "small_disk"
+    mnt.mkdir()
+    size_kb = max(64, weights.stat().st_size // 2048)  # half the weights
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here to fill a disk for real: {r.stderr.decode().strip()}")
+    try:
+        (mnt / "notes.txt").write_text("the user's own file\n")
+        tool, args = {"export-hf": ("export", ["--run", str(run), "--out", str(mnt / "out")]),
+                      "export-gguf": ("export", ["--run", str(run), "--out", str(mnt / "out.gguf"), "--format",
+                                                 "gguf"]),
+                      "import": ("import", [str(hf), "--out", str(mnt / "out")])}[what]
+        res = subprocess.run([sys.executable, f"bin/{tool}", *args], cwd=ROOT, capture_output=True, text=True,
+                             timeout=300)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+        line = res.stderr.strip().splitlines()[-1]
+        assert "the disk is full" in line and "MB free" in line and "nothing was changed" in line, line
+        assert str(mnt / "out") in line, line
+        assert sorted(p.name for p in mnt.iterdir()) == ["notes.txt"], list(mnt.iterdir())
+    finally:
+        subprocess.run(["umount", str(mnt)])
