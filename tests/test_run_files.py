@@ -144,3 +144,31 @@ def test_a_bad_meta_json_field_stops_the_run_before_its_first_step(builtin_data,
     assert rc == 2 and message in err and "meta.json" in err, err[-1500:]
     assert not (tmp_path / "run" / "checkpoints").exists()
     assert snapshot(data) == before
+
+
+def test_the_studio_dashboard_reads_a_large_metrics_file_incrementally(tmp_path, monkeypatch):
+    """bin/serve's run dashboard refreshes every few seconds: on a large metrics.jsonl it reads only the last
+    MAX_FIRST_READ bytes the first time (from a line start), then only what was appended."""
+    from storyllama import serve
+
+    monkeypatch.setattr(serve, "MAX_FIRST_READ", 4096)
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [json.dumps({"step": i, "loss": 5.0 - i * 1e-4}) + "\n" for i in range(2000)]
+    (run / "metrics.jsonl").write_text("".join(lines))
+    first = serve.read_metrics(run)
+    assert 0 < len(first) < 200 and first[-1]["step"] == 1999  # the tail only, whole records
+    assert [r["step"] for r in first] == list(range(first[0]["step"], 2000))
+    reads = []
+    from storyllama import metrics
+
+    def counting(path, start=0, warn=True, _real=metrics.read_records):
+        reads.append(start)
+        return _real(path, start, warn)
+
+    monkeypatch.setattr(metrics, "read_records", counting)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 2000, "loss": 4.7}) + "\n")
+    second = serve.read_metrics(run)
+    assert second[-1]["step"] == 2000 and len(second) == len(first) + 1
+    assert reads == [(run / "metrics.jsonl").stat().st_size - len(json.dumps({"step": 2000, "loss": 4.7})) - 1]
