@@ -25,7 +25,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from storyllama.config import SampleConfig, preset  # noqa: E402
 from storyllama.cpu_decode import lm_head_logits, prepare_for_decoding  # noqa: E402
