@@ -46,12 +46,16 @@ def median_us(fn, steps: int, warmup: int = 20) -> float:
     return 1e6 * statistics.median(times)
 
 
-@torch.inference_mode()
 def profile(shape: str, dtype: torch.dtype, steps: int, compiled: bool) -> dict:
     torch.manual_seed(0)
     cfg = SHAPES[shape]()
-    model = Llama(cfg).to(dtype).eval()
+    model = Llama(cfg).to(dtype).eval()  # built outside inference mode, as bin/sample loads it
     prepare_for_decoding(model)
+    with torch.inference_mode():
+        return _profile(model, cfg, shape, dtype, steps, compiled)
+
+
+def _profile(model, cfg, shape: str, dtype: torch.dtype, steps: int, compiled: bool) -> dict:
     vocab = cfg.vocab_size if shape != "88m" else 50257
     S = 256
     model.setup_caches(1, S, dtype=torch.float32)

@@ -149,3 +149,151 @@ def prepare_for_decoding(model: nn.Module, min_bytes: int = PACK_MIN_BYTES) -> n
     if getattr(model, "_packed_head", None) is None and w.nbytes >= min_bytes:
         model._packed_head = (_register_pack(model), one_row)
     return model
+
+
+# -- the lean decoding step -------------------------------------------------------------------------------
+class FastDecoder:
+    """One decoding step on the CPU in as few ATen calls as the math allows: the model's own forward runs
+    about 75 ops per layer for one token (the reference RMSNorm, RoPE and SwiGLU are several ops each, and
+    every one costs a dispatch); here a layer is 17: RMSNorm, one q/k/v matmul (the three weights
+    concatenated once), RoPE on q and k together as x * cos + roll(x) * sin (3 ops, tables per position),
+    the two cache writes, SDPA over the written slots, wo with the residual add fused, RMSNorm, w1 with SiLU
+    fused, w3, the product, w2 with the residual add fused. The same arithmetic as `decode_one_token`
+    (tests/test_sample.py compares logits and generated tokens); it writes the model's own KV cache, so a
+    prefill through the model and these steps share it.
+
+    Matmuls take oneDNN's packed weights (the fused post-ops come with them) where `prepare_for_decoding`
+    would pack, else PyTorch's plain ones (addmm for the residual). The concatenated q/k/v weights are a
+    copy (wq + wk + wv bytes); `refresh()` (called by `generate` before each use) rebuilds them when a
+    weight changed, so a model trained further decodes correctly.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = weakref.ref(model)
+        self._sig = None
+        self.refresh()
+
+    def _signature(self, model) -> tuple:
+        return tuple((p.data_ptr(), p._version, p.dtype) for p in model.parameters())
+
+    def refresh(self) -> None:
+        model = self.model()
+        sig = self._signature(model)
+        if sig == self._sig:
+            return
+        cfg = model.cfg
+        self.H, self.Hkv, self.D, self.eps = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.norm_eps
+        dtype = model.lm_head_weight.dtype
+        self.dtype = dtype
+        packing = packing_supported(dtype)
+        model_bytes = sum(p.nbytes for p in model.parameters())
+        self.pack_one_row = packing and model_bytes >= PACK_ONE_ROW_MIN_MODEL_BYTES
+        self.packing = packing
+        self.layers = []
+        for layer in model.layers:
+            a, f = layer.attention, layer.feed_forward
+            qkv = torch.cat([a.wq.weight, a.wk.weight, a.wv.weight]).detach()  # ((H + 2 Hkv) D, dim): a copy
+            self.layers.append(dict(
+                attn_norm=layer.attention_norm.weight, ffn_norm=layer.ffn_norm.weight, qkv=_Weight(qkv),
+                wo=_Weight.of(a.wo), w1=_Weight.of(f.w1), w3=_Weight.of(f.w3), w2=_Weight.of(f.w2), attention=a))
+        self.norm = model.norm.weight
+        self.emb = model.tok_embeddings.weight
+        head = getattr(model, "_packed_head", None)  # share the head's packed copy with lm_head_logits
+        self.head = _Weight(model.lm_head_weight, head[0] if head is not None else None)
+        # RoPE per position, over the whole head dim: cos | cos and -sin | sin (half-split layout)
+        cos, sin = model.rope_cos[0], model.rope_sin[0]  # (block_size, D/2) fp32
+        self.cos = torch.cat([cos, cos], dim=-1).contiguous()  # (block_size, D)
+        self.sin = torch.cat([-sin, sin], dim=-1).contiguous()
+        self._sig = sig
+
+    def _packed(self, rows: int) -> bool:
+        return self.packing and (rows > 1 or self.pack_one_row)
+
+    def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), w, self.eps)
+        # bf16: normalised in fp32, cast back before the weight (the reference RMSNorm's rounding)
+        return F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype) * w
+
+    @torch.inference_mode()
+    def step(self, tok: torch.Tensor, pos: int, pad: torch.Tensor | None, vocab_limit: int) -> torch.Tensor:
+        """Logits (B, vocab_limit) fp32 of one token per row tok (B, 1) written into cache slot `pos`; pad
+        (B, 1) padding slots at the start of each row, or None when no row is padded."""
+        B = tok.shape[0]
+        H, Hkv, D = self.H, self.Hkv, self.D
+        packed = self._packed(B)
+        x = F.embedding(tok.view(B), self.emb)  # (B, dim)
+        if pad is None:
+            cos, sin, mask = self.cos[pos], self.sin[pos], None  # (D,): one position for every row
+        else:
+            positions = (pos - pad).view(B)  # (B,)
+            cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (B, 1, D)
+            mask = (torch.arange(pos + 1) >= pad).view(B, 1, 1, pos + 1)  # (B, 1, 1, pos + 1): real slots
+        for L in self.layers:
+            cache = L["attention"].cache
+            qkv = L["qkv"].mm(self._norm(x, L["attn_norm"]), packed).view(B, H + 2 * Hkv, D)
+            qk = qkv[:, : H + Hkv]
+            qk = torch.addcmul(qk * cos, qk.roll(D // 2, -1), sin)  # RoPE, fp32 (the tables' dtype)
+            if qk.dtype != x.dtype:
+                qk = qk.to(x.dtype)  # the reference RoPE returns its input's dtype
+            cache.k.select(2, pos).copy_(qk[:, H:])
+            cache.v.select(2, pos).copy_(qkv[:, H + Hkv:])
+            q = qk[:, :H].unsqueeze(2)  # (B, H, 1, D)
+            if q.dtype != cache.k.dtype:
+                q = q.to(cache.k.dtype)  # the cache (and attention) may be wider than the weights
+            y = F.scaled_dot_product_attention(q, cache.k[:, :, : pos + 1], cache.v[:, :, : pos + 1],
+                                               attn_mask=mask, enable_gqa=H != Hkv).view(B, H * D)
+            if y.dtype != x.dtype:
+                y = y.to(x.dtype)
+            x = L["wo"].mm(y, packed, residual=x)
+            h = self._norm(x, L["ffn_norm"])
+            gate = L["w1"].mm(h, packed, silu=True)
+            x = L["w2"].mm(gate * L["w3"].mm(h, packed), packed, residual=x)
+        logits = self.head.mm(self._norm(x, self.norm), packed, rows=vocab_limit)
+        return logits if logits.dtype == torch.float32 else logits.float()
+
+
+class _Weight:
+    """A (out, in) weight for FastDecoder: PyTorch's plain matmul, or oneDNN's packed copy with its fused post-op
+    (SiLU, or the residual add). `key`: the copy in the registry that PackedLinear and the packed head use (one
+    packed copy per weight, shared with the prefill); without it the weight packs its own, on first use."""
+
+    def __init__(self, w: torch.Tensor, key: int | None = None):
+        self.w, self.key = w, key
+        self.wt = w.t()  # (in, out): addmm's operand, made once
+        self._packed: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, linear: nn.Module) -> _Weight:
+        return cls(linear.weight, linear.pack_key if isinstance(linear, PackedLinear) else None)
+
+    def packed(self) -> torch.Tensor:
+        if self._packed is None:  # FastDecoder.refresh makes new _Weights when a weight changes
+            self._packed = (_packed_weight(self.w, self.key) if self.key is not None
+                            else torch.ops.mkldnn._reorder_linear_weight(self.w.detach(), _PACK_ROWS_HINT))
+        return self._packed
+
+    def mm(self, x: torch.Tensor, packed: bool, residual: torch.Tensor | None = None, silu: bool = False,
+           rows: int | None = None) -> torch.Tensor:
+        if packed:
+            if residual is not None:
+                return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.packed(), None, "add")
+            y = torch.ops.mkldnn._linear_pointwise(x, self.packed(), None, "swish" if silu else "none", [], "")
+            return y if rows is None else y[:, :rows]
+        if residual is not None:
+            return torch.addmm(residual, x, self.wt)
+        y = F.linear(x, self.w if rows is None else self.w[:rows])
+        return F.silu(y) if silu else y
+
+
+def fast_decoder(model: nn.Module) -> FastDecoder | None:
+    """The model's FastDecoder (made once, refreshed when a weight changed), or None off the CPU."""
+    if model.lm_head_weight.device.type != "cpu" or model.training:
+        return None
+    dec = getattr(model, "_fast_decoder", None)
+    if dec is None:
+        dec = FastDecoder(model)
+        model._fast_decoder = dec
+    else:
+        dec.refresh()
+    return dec

@@ -45,7 +45,7 @@ import torch
 
 from storyllama.checkpoint import add_trust_flag
 from storyllama.config import OneLineErrorParser, SampleConfig, add_dataclass_args, given
-from storyllama.cpu_decode import lm_head_logits, prepare_for_decoding
+from storyllama.cpu_decode import fast_decoder, lm_head_logits, prepare_for_decoding
 from storyllama.devices import resolve_device, resolve_dtype
 from storyllama.model import Llama
 
@@ -280,6 +280,8 @@ def generate(model: Llama, prompt_ids: list[list[int]], cfg: SampleConfig, eot_i
     gen = _generator(device, cfg.seed)
     presence = _presence(prompt_ids, vocab_limit, device) if params.repetition_penalty != 1.0 else None
     step = _compiled_decode_step(device) if cfg.compile else _decode_step
+    # Eager on the CPU: the lean step (cpu_decode.FastDecoder, a fraction of the model's per-token ops)
+    fast = None if cfg.compile else fast_decoder(model)
     out = torch.full((B, n_new), eot, dtype=torch.long, device=device)  # (B, n_new) generated ids
     # On CPU the cache (and attention) stay fp32 whatever the weights: CPU SDPA in bf16 is several times slower
     # than fp32 (benchmarks/test_bench_sample.py) and the cache is small.
@@ -295,6 +297,7 @@ def generate(model: Llama, prompt_ids: list[list[int]], cfg: SampleConfig, eot_i
         _sync(device)
         t1 = time.perf_counter()
         cache_pos = torch.tensor([P], dtype=torch.long, device=device)  # (1,) the slot the next token goes to
+        fast_pad = pad if fast is not None and bool((pad > 0).any()) else None  # None: no row is padded
         n = 1
         for i in range(1, n_new):
             if on_token is not None:
@@ -306,7 +309,12 @@ def generate(model: Llama, prompt_ids: list[list[int]], cfg: SampleConfig, eot_i
             if presence is not None:
                 presence.scatter_(1, tok, True)
             noise = _noise(params, (B, vocab_limit), gen, device)
-            nxt, done = step(model, tok, cache_pos, pad, presence, noise, done, params, eot, vocab_limit)
+            if fast is not None:
+                logits = fast.step(tok, P + i - 1, fast_pad, vocab_limit)
+                nxt = torch.where(done, eot, sample_one_no_sync(logits, params, presence, noise))
+                done = done | (nxt == eot)
+            else:
+                nxt, done = step(model, tok, cache_pos, pad, presence, noise, done, params, eot, vocab_limit)
             # Copies: CUDA graphs reuse their output buffers on the next replay.
             out[:, i] = nxt
             tok, done = nxt.view(B, 1).clone(), done.clone()
