@@ -8,6 +8,7 @@ For each shape it times, as medians over --steps steps after a warm-up, with the
 - `matmuls`: only the step's matrix products (every Linear's weight and the head, one row each), on the
   same packed weights: the time that is kernels, not dispatch;
 - `ops`: the number of ATen ops one eager step dispatches (torch profiler), and `dispatch` = forward - matmuls;
+- `fast`: the lean step (cpu_decode.FastDecoder) that eager decoding on the CPU runs now, and its `fast_ops`;
 - `compiled`: the same step through torch.compile (inductor, C++ wrapper), as `bin/sample --compile` runs it.
 Prints one table; --json writes the rows.
 """
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from storyllama.config import SampleConfig, preset  # noqa: E402
-from storyllama.cpu_decode import lm_head_logits, prepare_for_decoding  # noqa: E402
+from storyllama.cpu_decode import fast_decoder, lm_head_logits, prepare_for_decoding  # noqa: E402
 from storyllama.model import Llama  # noqa: E402
 from storyllama.sample import SamplingParams, _compiled_decode_step, _decode_step, decode_one_token  # noqa: E402
 
@@ -68,6 +69,11 @@ def _profile(model, cfg, shape: str, dtype: torch.dtype, steps: int, compiled: b
 
     row["step_us"] = median_us(lambda: _decode_step(model, tok, pos, pad, None, None, done, params, 0, vocab), steps)
     row["forward_us"] = median_us(lambda: decode_one_token(model, tok, pos, pad, vocab), steps)
+    dec = fast_decoder(model)
+    row["fast_us"] = median_us(lambda: dec.step(tok, S // 2, None, vocab), steps)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        dec.step(tok, S // 2, None, vocab)
+    row["fast_ops"] = sum(1 for e in prof.events() if e.cpu_parent is None)
     logits = decode_one_token(model, tok, pos, pad, vocab)
     row["sample_us"] = median_us(lambda: logits.argmax(dim=-1), steps)
 
@@ -111,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [profile(s, getattr(torch, d), a.steps, not a.no_compile)
             for s in (a.shape or ["tiny"]) for d in (a.dtype or ["float32"])]
     cols = ["shape", "dtype", "params", "weight_mb", "ops", "step_us", "forward_us", "matmuls_us", "dispatch_us",
-            "sample_us", "compiled_us", "compile_s"]
+            "sample_us", "fast_ops", "fast_us", "compiled_us", "compile_s"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:

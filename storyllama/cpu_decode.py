@@ -18,6 +18,7 @@ compiled graph reads the live parameter.
 from __future__ import annotations
 
 import itertools
+import time
 import weakref
 
 import torch
@@ -183,27 +184,41 @@ class FastDecoder:
             return
         cfg = model.cfg
         self.H, self.Hkv, self.D, self.eps = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.norm_eps
-        dtype = model.lm_head_weight.dtype
-        self.dtype = dtype
-        packing = packing_supported(dtype)
-        model_bytes = sum(p.nbytes for p in model.parameters())
-        self.pack_one_row = packing and model_bytes >= PACK_ONE_ROW_MIN_MODEL_BYTES
-        self.packing = packing
+        # Half-precision weights of a model small enough to sit in the caches decode in float32 (copies made here,
+        # exact upcasts): there the time is per-op cost, and half-precision matmuls and the casts around them cost
+        # more per call (measured at the 1M shape: bf16 decoding at 0.4x of fp32 on this project's CPU). A larger
+        # model keeps its dtype: reading half the bytes is the point of it.
+        wdtype = model.lm_head_weight.dtype
+        fp32_bytes = 4 * sum(p.numel() for p in model.parameters())
+        self.dtype = torch.float32 if wdtype != torch.float32 and fp32_bytes <= PACK_ONE_ROW_MIN_MODEL_BYTES else wdtype
+
+        def own(t: torch.Tensor) -> torch.Tensor:  # a weight as the decoder computes with it
+            return t if t.dtype == self.dtype else t.detach().to(self.dtype)
+
+        def weight(linear: nn.Module) -> _Weight:
+            return _Weight.of(linear) if linear.weight.dtype == self.dtype else _Weight(own(linear.weight))
+
+        self.packing = packing_supported(self.dtype)
         self.layers = []
         for layer in model.layers:
             a, f = layer.attention, layer.feed_forward
-            qkv = torch.cat([a.wq.weight, a.wk.weight, a.wv.weight]).detach()  # ((H + 2 Hkv) D, dim): a copy
+            qkv = own(torch.cat([a.wq.weight, a.wk.weight, a.wv.weight]).detach())  # ((H + 2 Hkv) D, dim): a copy
             self.layers.append(dict(
-                attn_norm=layer.attention_norm.weight, ffn_norm=layer.ffn_norm.weight, qkv=_Weight(qkv),
-                wo=_Weight.of(a.wo), w1=_Weight.of(f.w1), w3=_Weight.of(f.w3), w2=_Weight.of(f.w2), attention=a))
-        self.norm = model.norm.weight
-        self.emb = model.tok_embeddings.weight
+                attn_norm=own(layer.attention_norm.weight), ffn_norm=own(layer.ffn_norm.weight), qkv=_Weight(qkv),
+                wo=weight(a.wo), w1=weight(f.w1), w3=weight(f.w3), w2=weight(f.w2), attention=a))
+        self.norm = own(model.norm.weight)
+        self.emb = own(model.tok_embeddings.weight)
         head = getattr(model, "_packed_head", None)  # share the head's packed copy with lm_head_logits
-        self.head = _Weight(model.lm_head_weight, head[0] if head is not None else None)
+        self.head = (_Weight(model.lm_head_weight, head[0] if head is not None else None)
+                     if model.lm_head_weight.dtype == self.dtype else _Weight(own(model.lm_head_weight)))
         # RoPE per position, over the whole head dim: cos | cos and -sin | sin (half-split layout)
         cos, sin = model.rope_cos[0], model.rope_sin[0]  # (block_size, D/2) fp32
         self.cos = torch.cat([cos, cos], dim=-1).contiguous()  # (block_size, D)
         self.sin = torch.cat([-sin, sin], dim=-1).contiguous()
+        # Several rows: the packed weights (measured faster on both CPUs we have). One row: whichever this CPU's
+        # GEMV streams faster, timed once on the largest matrix of a block (the MLP's): oneDNN's packed layout
+        # won by 2.8x on an AMD Zen 5, PyTorch's plain one by 1.2x (fp32) on an Intel Sapphire Rapids.
+        self.pack_one_row = self.packing and self.layers[0]["w1"].packed_is_faster(rows=1)
         self._sig = sig
 
     def _packed(self, rows: int) -> bool:
@@ -267,6 +282,20 @@ class _Weight:
     def of(cls, linear: nn.Module) -> _Weight:
         return cls(linear.weight, linear.pack_key if isinstance(linear, PackedLinear) else None)
 
+    def packed_is_faster(self, rows: int, reps: int = 8) -> bool:
+        """Whether x @ W.T for `rows` rows runs faster through the packed copy than through PyTorch's matmul
+        (the best of `reps` calls each, after a warm-up)."""
+        x = torch.randn(rows, self.w.shape[1], dtype=self.w.dtype)
+        best = {}
+        for packed in (False, True, False, True):  # interleaved, twice: the later pass is the warm one
+            t = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                self.mm(x, packed)
+                t.append(time.perf_counter() - t0)
+            best[packed] = min(t)
+        return best[True] < best[False]
+
     def packed(self) -> torch.Tensor:
         if self._packed is None:  # FastDecoder.refresh makes new _Weights when a weight changes
             self._packed = (_packed_weight(self.w, self.key) if self.key is not None
@@ -286,9 +315,12 @@ class _Weight:
         return F.silu(y) if silu else y
 
 
+USE_FAST_DECODER = True  # benchmarks/test_bench_llama_cpp.py turns it off to time the model's own forward
+
+
 def fast_decoder(model: nn.Module) -> FastDecoder | None:
     """The model's FastDecoder (made once, refreshed when a weight changed), or None off the CPU."""
-    if model.lm_head_weight.device.type != "cpu" or model.training:
+    if not USE_FAST_DECODER or model.lm_head_weight.device.type != "cpu" or model.training:
         return None
     dec = getattr(model, "_fast_decoder", None)
     if dec is None:
