@@ -72,6 +72,8 @@ PARSERS = {
     "python -m storyllama.instruct_demo": _main("storyllama.instruct_demo"),
     "benchmarks/train_step.py": _script("benchmarks/train_step.py"),
     "benchmarks/import_roundtrip.py": _script("benchmarks/import_roundtrip.py"),
+    "benchmarks/llama_cpp_check.py": _script("benchmarks/llama_cpp_check.py"),
+    "benchmarks/decode_profile.py": _script("benchmarks/decode_profile.py"),
 }
 TOOL = re.compile(r"(?<![\w/.-])(bin/[a-z_]+|make|python -m storyllama\.[a-z_]+|benchmarks/(?!test_)[a-z_]+\.(?:py|sh))"
                   r"(?=\s|$)")
