@@ -370,9 +370,12 @@ def test_sdpa_calls_follow_the_cuda_kernel_rules(monkeypatch):
     model's calls are recorded on CPU with the CUDA rules applied (the CPU's flash kernel takes them all)."""
     import torch.nn.functional as F
 
+    import storyllama.cpu_decode as cpu_decode
     import storyllama.model as model_mod
 
     monkeypatch.setattr(model_mod, "_cuda_rules", lambda q: True, raising=False)
+    # the model's own calls: the lean CPU decode step (cpu_decode.FastDecoder) never runs on CUDA
+    monkeypatch.setattr(cpu_decode, "USE_FAST_DECODER", False)
     calls = []
     real = F.scaled_dot_product_attention
 
