@@ -18,7 +18,6 @@ Threads: STORYLLAMA_BENCH_THREADS (default 1, as the other decode benchmarks: se
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from bench_tokenizer import write_tokenizer
 
 from storyllama import cpu_decode
 from storyllama.config import SampleConfig, preset
@@ -44,21 +44,6 @@ _made: dict = {}
 _results: dict[str, dict] = {}
 
 
-def _write_tokenizer(data_dir: Path, n_vocab: int) -> None:
-    """A ranks file of n_vocab - 1 ranks (256 bytes + two-byte tokens) and its meta.json: the export needs a
-    tokenizer."""
-    from storyllama.data_prep.tokenizer import GPT2_PAT_STR, TOKENIZER_FILE, dump_ranks, file_sha256
-
-    ranks = {bytes([b]): b for b in range(256)}
-    for i in range(n_vocab - 1 - 256):
-        ranks[bytes([i // 256, i % 256])] = 256 + i
-    data_dir.mkdir(parents=True, exist_ok=True)
-    dump_ranks(ranks, data_dir / TOKENIZER_FILE)
-    meta = {"tokenizer": {"name": "bench", "vocab_size": n_vocab, "eot_id": n_vocab - 1, "file": TOKENIZER_FILE,
-                          "sha256": file_sha256(data_dir / TOKENIZER_FILE), "pat_str": GPT2_PAT_STR}}
-    (data_dir / "meta.json").write_text(json.dumps(meta))
-
-
 def engines(shape: str, dtype: str, tmp_root: Path):
     """(our model as bin/sample loads it, llama.cpp on its GGUF export in the matched precision)."""
     key = (shape, dtype)
@@ -74,7 +59,7 @@ def engines(shape: str, dtype: str, tmp_root: Path):
                 if p.dim() == 1:
                     p.add_(torch.randn_like(p) * 0.1)
         root = tmp_root / f"{shape}-{dtype}"
-        _write_tokenizer(root / "data", vocab)
+        write_tokenizer(root / "data", vocab)
         ckpt = checkpoint.save(root / "run", 1, model, None, {}, data_dir=root / "data")
         gguf = export(ckpt, root / "model.gguf", "gguf", dtype=GGUF_DTYPE[dtype])
         if dtype == "bfloat16":

@@ -25,7 +25,6 @@ machine was. Implementations: `cache` = our sampler on the model as bin/sample l
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from bench_tokenizer import write_tokenizer
 
 from storyllama.config import SampleConfig, preset
 from storyllama.cpu_decode import prepare_for_decoding
@@ -83,21 +83,6 @@ def our_model(shape: str, dtype: str, prepared: bool = True) -> Llama:
     return _models[key]
 
 
-def _write_tokenizer(data_dir: Path, n_vocab: int) -> None:
-    """A tiktoken ranks file of n_vocab - 1 ranks (256 bytes + two-byte tokens) and its meta.json: export
-    needs a tokenizer, and its size sets which padded ids generation_config.json suppresses."""
-    from storyllama.data_prep.tokenizer import GPT2_PAT_STR, TOKENIZER_FILE, dump_ranks, file_sha256
-
-    ranks = {bytes([b]): b for b in range(256)}
-    for i in range(n_vocab - 1 - 256):
-        ranks[bytes([i // 256, i % 256])] = 256 + i
-    data_dir.mkdir(parents=True, exist_ok=True)
-    dump_ranks(ranks, data_dir / TOKENIZER_FILE)
-    meta = {"tokenizer": {"name": "bench", "vocab_size": n_vocab, "eot_id": n_vocab - 1, "file": TOKENIZER_FILE,
-                          "sha256": file_sha256(data_dir / TOKENIZER_FILE), "pat_str": GPT2_PAT_STR}}
-    (data_dir / "meta.json").write_text(json.dumps(meta))
-
-
 def hf_model(shape: str, tmp_root: Path):
     """Our fp32 model saved as a checkpoint, exported with bin/export's code, loaded by transformers."""
     key = ("hf", shape)
@@ -107,7 +92,7 @@ def hf_model(shape: str, tmp_root: Path):
 
         torch.manual_seed(0)
         model = Llama(SHAPES[shape]["cfg"]())
-        _write_tokenizer(tmp_root / shape / "data", SHAPES[shape]["vocab"])
+        write_tokenizer(tmp_root / shape / "data", SHAPES[shape]["vocab"])
         ckpt = checkpoint.save(tmp_root / shape / "run", 1, model, None, {}, data_dir=tmp_root / shape / "data")
         out = export(ckpt, tmp_root / shape / "hf")
         _models[key] = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
