@@ -283,8 +283,9 @@ class _Weight:
         return cls(linear.weight, linear.pack_key if isinstance(linear, PackedLinear) else None)
 
     def packed_is_faster(self, rows: int, reps: int = 8) -> bool:
-        """Whether x @ W.T for `rows` rows runs faster through the packed copy than through PyTorch's matmul
-        (the best of `reps` calls each, after a warm-up)."""
+        """Whether x @ W.T for `rows` rows runs clearly faster (by 10%) through the packed copy than through
+        PyTorch's matmul (the best of `reps` calls each, after a warm-up). The margin keeps the choice, and so the
+        rounding of the logits, the same from run to run where the two are close."""
         x = torch.randn(rows, self.w.shape[1], dtype=self.w.dtype)
         best = {}
         for packed in (False, True, False, True):  # interleaved, twice: the later pass is the warm one
@@ -294,7 +295,7 @@ class _Weight:
                 self.mm(x, packed)
                 t.append(time.perf_counter() - t0)
             best[packed] = min(t)
-        return best[True] < best[False]
+        return best[True] < 0.9 * best[False]
 
     def packed(self) -> torch.Tensor:
         if self._packed is None:  # FastDecoder.refresh makes new _Weights when a weight changes
