@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from bench_tokenizer import write_tokenizer
+from bench_common import THREADS, fixed_threads, write_tokenizer  # noqa: F401 (fixed_threads: autouse)
 
 from storyllama import cpu_decode
 from storyllama.config import SampleConfig, preset
@@ -36,7 +36,6 @@ from storyllama.sample import generate
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[llama]')")
 
 PROMPT_LEN, NEW_TOKENS = 16, 200
-THREADS = int(os.environ.get("STORYLLAMA_BENCH_THREADS", "1"))
 SHAPES = {"tiny": (lambda: preset("tiny", vocab_size=2048, dropout=0.0), 2048),
           "88m": (lambda: preset("storyllama-88m", dropout=0.0), 50257)}
 GGUF_DTYPE = {"float32": "f32", "bfloat16": "bf16"}
@@ -103,14 +102,6 @@ IMPLS = ("ours", "ours-model", "llama.cpp")
 # where the per-token overhead dominates, the compiled step (bin/sample --compile) is timed too
 COMPILED_SHAPES = ("tiny",)
 GROUPS = {f"{shape}-{dtype}": (shape, dtype) for shape in SHAPES for dtype in GGUF_DTYPE}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fixed_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("group", list(GROUPS))

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from bench_tokenizer import write_tokenizer
+from bench_common import THREADS, fixed_threads, write_tokenizer  # noqa: F401 (fixed_threads: autouse)
 
 from storyllama.config import SampleConfig, preset
 from storyllama.cpu_decode import prepare_for_decoding
@@ -42,21 +42,12 @@ from storyllama.sample import generate, generate_recompute
 transformers = pytest.importorskip("transformers", reason="the comparison with HF generate needs transformers")
 
 PROMPT_LEN, NEW_TOKENS = 16, 256
-THREADS = int(os.environ.get("STORYLLAMA_BENCH_THREADS", "1"))
 SHAPES = {
     "small": dict(vocab=4096, cfg=lambda: preset("small", block_size=512)),  # 16 + 448 tokens need 512
     "88m": dict(vocab=50257, cfg=lambda: preset("storyllama-88m", dropout=0.0)),  # GPT-2's 50,257 ids
 }
 _results: dict[str, dict] = {}
 _models: dict[tuple, object] = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fixed_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(before)
 
 
 def _loadavg() -> float:

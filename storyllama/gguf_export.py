@@ -129,67 +129,8 @@ def gguf_vocab(ckpt: Path, tok: dict, cfg: ModelConfig) -> dict:
       model "llama", scores (minus the rank of the merge that makes each token), byte tokens.
     The model's rows past the tokenizer (padding to a multiple of 64) are not tokens: the export cuts them.
     """
-    import gguf
-
-    from storyllama.data_prep.hf_tokenizer import ranks_to_tokens_and_merges
-    from storyllama.data_prep.tokenizer import load_encoding, load_ranks
-
-    T = gguf.TokenType
     eot_id = tok["eot_id"]
-    if tok.get("kind") != "hf":
-        ranks = load_ranks(ckpt / tok["file"])
-        tokens, pairs = ranks_to_tokens_and_merges(ranks)
-        if eot_id != len(tokens):
-            raise CheckpointError(f"{ckpt / 'meta.json'}: eot_id {eot_id} does not follow the {len(tokens):,} ranks")
-        tokens.append(tok.get("special", "<|endoftext|>"))
-        out = {"model": "gpt2", "pre": "gpt-2", "tokens": tokens, "types": [T.NORMAL] * len(ranks) + [T.CONTROL],
-               "merges": [f"{a} {b}" for a, b in pairs], "bos": eot_id, "eos": eot_id, "add_bos": False}
-    else:
-        hf = load_encoding(ckpt).tokenizer
-        conf = json.loads(hf.to_str())
-        model = conf.get("model") or {}
-        if model.get("type") != "BPE":
-            raise ValueError(f"checkpoint {ckpt}: its tokenizer.json is a {model.get('type')} model; GGUF export "
-                             "handles BPE tokenizers only (byte-level, or SentencePiece-style with byte fallback)")
-        vocab = hf.get_vocab(with_added_tokens=True)
-        tokens = [""] * (max(vocab.values()) + 1)
-        for t, i in vocab.items():
-            tokens[i] = t
-        added = {i for i, t in hf.get_added_tokens_decoder().items() if t.special}
-        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-        dumped = json.dumps(conf.get("pre_tokenizer")) + json.dumps(conf.get("decoder"))
-        if '"ByteLevel"' in dumped:
-            pre = conf.get("pre_tokenizer") or {}
-            pats = [json.dumps(x) for x in ([pre] + pre.get("pretokenizers", []))]
-            gpt2_split = any('"Split"' in x and "p{L}+" in x for x in pats) or (pre.get("type") == "ByteLevel" and
-                                                                              pre.get("use_regex", True))
-            if not gpt2_split:
-                raise ValueError(f"checkpoint {ckpt}: its byte-level tokenizer.json splits text in a way llama.cpp's "
-                                 "gpt-2 pre-tokenizer may not; convert the --format hf export with llama.cpp's own "
-                                 "convert_hf_to_gguf.py instead")
-            types = [T.CONTROL if i in added else T.NORMAL for i in range(len(tokens))]
-            out = {"model": "gpt2", "pre": "gpt-2", "tokens": tokens, "types": types, "merges": merges,
-                   "bos": eot_id, "eos": eot_id, "add_bos": False}
-        elif model.get("byte_fallback"):
-            # llama.cpp's SentencePiece tokenizer merges the adjacent pair whose result scores highest; a token's
-            # score here is minus the rank of the first merge that makes it (tokenizer.json keeps no scores).
-            made_at: dict[str, int] = {}
-            for rank, m in enumerate(merges):
-                made_at.setdefault(m.replace(" ", "", 1), rank)
-            unk = model.get("unk_token")
-            types, scores = [], []
-            for i, t in enumerate(tokens):
-                kind = (T.UNKNOWN if t == unk else T.CONTROL if i in added else
-                        T.BYTE if len(t) == 6 and t.startswith("<0x") and t.endswith(">") else T.NORMAL)
-                types.append(kind)
-                scores.append(-float(made_at.get(t, 0 if len(t) == 1 else 1e9)) if kind == T.NORMAL else 0.0)
-            bos = vocab.get("<s>", eot_id)
-            out = {"model": "llama", "tokens": tokens, "types": types, "scores": scores, "bos": bos, "eos": eot_id,
-                   "add_bos": "<s>" in vocab}
-        else:
-            raise ValueError(f"checkpoint {ckpt}: its tokenizer.json is neither byte-level nor SentencePiece-style "
-                             "with byte fallback; convert the --format hf export with llama.cpp's "
-                             "convert_hf_to_gguf.py")
+    out = _ranks_vocab(ckpt, tok) if tok.get("kind") != "hf" else _hf_vocab(ckpt, eot_id)
     if len(out["tokens"]) > cfg.vocab_size:
         raise CheckpointError(f"checkpoint {ckpt}: the tokenizer has {len(out['tokens']):,} tokens, the model "
                               f"{cfg.vocab_size:,} rows")
@@ -203,6 +144,76 @@ def gguf_vocab(ckpt: Path, tok: dict, cfg: ModelConfig) -> dict:
         # characters and no merge makes the multi-character EOT text, so the pair never forms).
         out["merges"] = [f"{out['eot_text']} {out['eot_text']}"]
     return out
+
+
+def _ranks_vocab(ckpt: Path, tok: dict) -> dict:
+    """Our tiktoken ranks (gpt2, bpe:N) as llama.cpp's gpt2 tokenizer: the ranks' tokens and merges, then EOT."""
+    import gguf
+
+    from storyllama.data_prep.hf_tokenizer import ranks_to_tokens_and_merges
+    from storyllama.data_prep.tokenizer import load_ranks
+
+    T, eot_id = gguf.TokenType, tok["eot_id"]
+    ranks = load_ranks(ckpt / tok["file"])
+    tokens, pairs = ranks_to_tokens_and_merges(ranks)
+    if eot_id != len(tokens):
+        raise CheckpointError(f"{ckpt / 'meta.json'}: eot_id {eot_id} does not follow the {len(tokens):,} ranks")
+    tokens.append(tok.get("special", "<|endoftext|>"))
+    return {"model": "gpt2", "pre": "gpt-2", "tokens": tokens, "types": [T.NORMAL] * len(ranks) + [T.CONTROL],
+            "merges": [f"{a} {b}" for a, b in pairs], "bos": eot_id, "eos": eot_id, "add_bos": False}
+
+
+def _hf_vocab(ckpt: Path, eot_id: int) -> dict:
+    """An imported tokenizer.json (a BPE model): byte-level as gpt2, SentencePiece-style with byte fallback as
+    llama; anything else is refused with the way out (llama.cpp's own converter)."""
+    import gguf
+
+    from storyllama.data_prep.tokenizer import load_encoding
+
+    T = gguf.TokenType
+    hf = load_encoding(ckpt).tokenizer
+    conf = json.loads(hf.to_str())
+    model = conf.get("model") or {}
+    if model.get("type") != "BPE":
+        raise ValueError(f"checkpoint {ckpt}: its tokenizer.json is a {model.get('type')} model; GGUF export "
+                         "handles BPE tokenizers only (byte-level, or SentencePiece-style with byte fallback)")
+    vocab = hf.get_vocab(with_added_tokens=True)
+    tokens = [""] * (max(vocab.values()) + 1)
+    for t, i in vocab.items():
+        tokens[i] = t
+    added = {i for i, t in hf.get_added_tokens_decoder().items() if t.special}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    dumped = json.dumps(conf.get("pre_tokenizer")) + json.dumps(conf.get("decoder"))
+    if '"ByteLevel"' in dumped:
+        pre = conf.get("pre_tokenizer") or {}
+        pats = [json.dumps(x) for x in ([pre] + pre.get("pretokenizers", []))]
+        gpt2_split = any('"Split"' in x and "p{L}+" in x for x in pats) or (pre.get("type") == "ByteLevel" and
+                                                                          pre.get("use_regex", True))
+        if not gpt2_split:
+            raise ValueError(f"checkpoint {ckpt}: its byte-level tokenizer.json splits text in a way llama.cpp's "
+                             "gpt-2 pre-tokenizer may not; convert the --format hf export with llama.cpp's own "
+                             "convert_hf_to_gguf.py instead")
+        types = [T.CONTROL if i in added else T.NORMAL for i in range(len(tokens))]
+        return {"model": "gpt2", "pre": "gpt-2", "tokens": tokens, "types": types, "merges": merges,
+                "bos": eot_id, "eos": eot_id, "add_bos": False}
+    if not model.get("byte_fallback"):
+        raise ValueError(f"checkpoint {ckpt}: its tokenizer.json is neither byte-level nor SentencePiece-style "
+                         "with byte fallback; convert the --format hf export with llama.cpp's "
+                         "convert_hf_to_gguf.py")
+    # llama.cpp's SentencePiece tokenizer merges the adjacent pair whose result scores highest; a token's score
+    # here is minus the rank of the first merge that makes it (tokenizer.json keeps no scores).
+    made_at: dict[str, int] = {}
+    for rank, m in enumerate(merges):
+        made_at.setdefault(m.replace(" ", "", 1), rank)
+    unk = model.get("unk_token")
+    types, scores = [], []
+    for i, t in enumerate(tokens):
+        kind = (T.UNKNOWN if t == unk else T.CONTROL if i in added else
+                T.BYTE if len(t) == 6 and t.startswith("<0x") and t.endswith(">") else T.NORMAL)
+        types.append(kind)
+        scores.append(-float(made_at.get(t, 0 if len(t) == 1 else 1e9)) if kind == T.NORMAL else 0.0)
+    return {"model": "llama", "tokens": tokens, "types": types, "scores": scores, "bos": vocab.get("<s>", eot_id),
+            "eos": eot_id, "add_bos": "<s>" in vocab}
 
 
 def modelfile_text(gguf_name: str, eot_text: str, n_ctx: int, source: str) -> str:

@@ -158,8 +158,9 @@ class WriteError(ValueError):
 def _write_failure(exc) -> str | None:
     """What went wrong, when `exc` is a failed write rather than a refusal or a bug: an OSError (numpy's short
     write says "N requested and M written"), or safetensors' error wrapping one."""
-    if exc is None or isinstance(exc, (ValueError, KeyboardInterrupt)) and not type(exc).__name__ == "SafetensorError":
-        return None
+    safetensors_error = type(exc).__name__ == "SafetensorError"
+    if exc is None or (isinstance(exc, (ValueError, KeyboardInterrupt)) and not safetensors_error):
+        return None  # a refusal (one line already) or Ctrl-C
     text = str(exc)
     full = (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)) or any(
         s in text for s in ("No space left", "StorageFull", "requested and", "Disk quota", "File too large"))
@@ -167,7 +168,7 @@ def _write_failure(exc) -> str | None:
         return "the disk is full"
     if isinstance(exc, OSError):
         return f"{exc.strerror or text} ({exc.filename})" if exc.filename else (exc.strerror or text)
-    if type(exc).__name__ == "SafetensorError" and "IoError" in text:
+    if safetensors_error and "IoError" in text:
         return text.splitlines()[0][:200]
     return None
 

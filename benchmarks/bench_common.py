@@ -1,9 +1,26 @@
-"""A stand-in tokenizer for the decode benchmarks: bin/export needs one, and its size sets the vocabulary."""
+"""What the decode benchmarks share: the thread count they run at (STORYLLAMA_BENCH_THREADS, default 1; see
+test_bench_sample.py for why one thread), a module fixture that holds torch to it, and a stand-in tokenizer
+(bin/export needs one, and its size sets the vocabulary)."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+import pytest
+import torch
+
+THREADS = int(os.environ.get("STORYLLAMA_BENCH_THREADS", "1"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fixed_threads():
+    """torch at THREADS threads for the importing module's tests (imported there, it applies to that module)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(before)
 
 
 def write_tokenizer(data_dir: Path, n_vocab: int) -> None:
